@@ -1,0 +1,40 @@
+# Two commands on a fresh clone: `make run` and `make test`. Each creates .venv if it is
+# missing and installs the exact pins of constraints.txt into it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= runs/synthetic
+PYTEST_ARGS ?=
+
+# Offline, quiet, and nothing leaks into the user's home during tests.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Until the pipeline lands, `make run` trains every architecture on a synthetic sparse
+# dictionary and reports how well each recovers it (outputs in $(OUT)/).
+run: $(STAMP)
+	$(VENV)/bin/sae-ensembles synthetic --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_training.py --json runs/bench/training.json

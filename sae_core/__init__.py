@@ -1,0 +1,30 @@
+"""sae_core: SAE architectures, training and maths in pure torch/numpy.
+
+Never imports prefect, polars or great_expectations (checked by the test suite).
+"""
+
+from sae_core.config import PAnnealConfig, SAEConfig, TrainConfig
+from sae_core.io import load_sae, save_sae
+from sae_core.registry import architectures, get_architecture, register_architecture
+from sae_core.saes import SAE, BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+from sae_core.training.trainer import TrainResult, build_sae, train_sae
+
+__all__ = [
+    "SAEConfig",
+    "TrainConfig",
+    "PAnnealConfig",
+    "SAE",
+    "ReLUSAE",
+    "TopKSAE",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "GatedSAE",
+    "build_sae",
+    "train_sae",
+    "TrainResult",
+    "save_sae",
+    "load_sae",
+    "architectures",
+    "get_architecture",
+    "register_architecture",
+]

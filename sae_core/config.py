@@ -1,0 +1,145 @@
+"""Configuration objects of sae_core.
+
+Two kinds, kept apart on purpose (as SAELens does): :class:`SAEConfig` is what a saved
+SAE needs to run inference and is written to ``cfg.json``; :class:`TrainConfig` holds the
+training recipe and never leaks into a saved SAE file. Every field carries its help text
+in ``description`` so a CLI or the Prefect UI can show it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ArchitectureName = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+L1_TYPE_ARCHITECTURES: frozenset[str] = frozenset({"relu", "gated"})
+TOPK_TYPE_ARCHITECTURES: frozenset[str] = frozenset({"topk", "batchtopk"})
+
+
+class _Strict(BaseModel):
+    """Unknown keys and wrong types are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SAEConfig(_Strict):
+    """Inference configuration of one SAE (the content of ``cfg.json``)."""
+
+    architecture: ArchitectureName = Field(
+        description="SAE architecture: relu (ReLU + L1), topk, batchtopk, jumprelu or gated."
+    )
+    d_in: int = Field(gt=0, description="Width d of the activations the SAE reads.")
+    d_sae: int = Field(gt=0, description="Number of latents k (dictionary size).")
+    k: int | None = Field(
+        default=None,
+        gt=0,
+        description="Active latents per token (topk) or mean active latents per token "
+        "during training (batchtopk). Required for those two, unused otherwise.",
+    )
+    apply_b_dec_to_input: bool = Field(
+        default=True, description="Encode a - b_dec instead of a (SPEC §5 form)."
+    )
+
+    @model_validator(mode="after")
+    def _check_k(self) -> "SAEConfig":
+        if self.architecture in TOPK_TYPE_ARCHITECTURES:
+            if self.k is None:
+                raise ValueError(f"architecture {self.architecture!r} needs k (active latents per token); set k")
+            if self.k > self.d_sae:
+                raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
+        elif self.k is not None:
+            raise ValueError(
+                f"k is only meaningful for topk/batchtopk, not {self.architecture!r}; remove k "
+                "(sparsity of L1/L0 SAEs is set by TrainConfig.sparsity_coefficient)"
+            )
+        return self
+
+
+class PAnnealConfig(_Strict):
+    """p-annealing of the sparsity exponent (Karvonen et al. 2024, eqs. 13-14).
+
+    p = 1 until ``start_step``; then p steps through ``linspace(p_start, p_end, n_updates)``
+    at ``n_updates`` evenly spaced steps in [start_step, end_step]. At each change the
+    sparsity coefficient is rescaled by the ratio of the summed L_p^p norms at the old and
+    new p over the last ``queue_length`` batches, so the penalty's strength stays locally
+    constant.
+    """
+
+    p_start: float = Field(default=1.0, gt=0, le=1, description="First annealed exponent.")
+    p_end: float = Field(default=0.2, gt=0, le=1, description="Final exponent (paper: 0.2).")
+    start_step: int = Field(ge=0, description="Step at which annealing starts.")
+    end_step: int | None = Field(default=None, description="Last update step; default: the last step.")
+    n_updates: int = Field(default=10, ge=1, description="Number of changes of p.")
+    queue_length: int = Field(default=10, ge=1, description="Batches used for the coefficient ratio.")
+
+
+class TrainConfig(_Strict):
+    """Training recipe for one SAE or a batch of members trained side by side."""
+
+    n_steps: int = Field(gt=0, description="Optimizer steps.")
+    batch_size: int = Field(default=4096, gt=0, description="Tokens per step (per member).")
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate.")
+    beta1: float = Field(default=0.0, ge=0, lt=1, description="Adam beta1 (the paper uses 0).")
+    beta2: float = Field(default=0.999, ge=0, lt=1, description="Adam beta2.")
+    adam_eps: float = Field(default=1e-8, gt=0, description="Adam epsilon.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear lr warm-up steps from 0.")
+    decay_start_fraction: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Fraction of n_steps after which lr decays linearly to 0 (1.0 = no decay).",
+    )
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Max gradient norm per member; None disables clipping."
+    )
+    seed: int = Field(default=0, description="Seed of initialisation and batch order.")
+    autocast_bf16: bool = Field(default=False, description="Run matmuls in bf16 autocast (weights stay fp32).")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
+        default="geometric_median", description="Initial decoder bias from a data sample."
+    )
+    b_dec_init_samples: int = Field(default=8192, gt=0, description="Sample size for b_dec init.")
+    normalize_decoder: bool = Field(
+        default=True,
+        description="Keep decoder rows at unit norm (projection of their gradient + renormalisation).",
+    )
+    dead_tokens_threshold: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="A latent that has not fired for this many tokens counts as dead (AuxK, stats).",
+    )
+    sparsity_coefficient: float = Field(
+        default=1.0,
+        ge=0,
+        description="lambda: L1 weight (relu, gated) or L0 weight (jumprelu). Unused by topk/batchtopk.",
+    )
+    sparsity_warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up of lambda from 0.")
+    p_annealing: PAnnealConfig | None = Field(
+        default=None, description="Anneal the sparsity exponent p (relu and gated only)."
+    )
+    aux_k: int | None = Field(
+        default=None, gt=0, description="Dead latents used by AuxK (topk/batchtopk); default d_in // 2."
+    )
+    aux_coefficient: float = Field(default=1 / 32, ge=0, description="Weight of the AuxK loss.")
+    jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="Width epsilon of the rectangle kernel.")
+    jumprelu_init_threshold: float = Field(default=0.01, gt=0, description="Initial JumpReLU threshold.")
+    batchtopk_threshold_rate: float = Field(
+        default=0.01, gt=0, le=1, description="EMA rate of BatchTopK's inference threshold."
+    )
+    checkpoint_every: int | None = Field(
+        default=None, gt=0, description="Write a resumable checkpoint every this many steps."
+    )
+    log_every: int = Field(default=50, gt=0, description="Record training statistics every this many steps.")
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "TrainConfig":
+        if self.warmup_steps >= self.n_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than n_steps={self.n_steps}")
+        if self.p_annealing is not None:
+            end = self.p_annealing.end_step if self.p_annealing.end_step is not None else self.n_steps - 1
+            if not self.p_annealing.start_step <= end < self.n_steps:
+                raise ValueError(
+                    f"p_annealing needs start_step <= end_step < n_steps; got start_step="
+                    f"{self.p_annealing.start_step}, end_step={end}, n_steps={self.n_steps}"
+                )
+        return self

@@ -1,0 +1,316 @@
+"""Training of one SAE, or of J members side by side as one batched module.
+
+Member j is seeded by ``member_seeds[j]``: its initialisation and its batch order come
+from that seed alone, so a J-member module trains each member exactly as a single SAE
+with the same seed would (the loss is a sum of per-member losses, gradient clipping is
+per member, Adam is element-wise).
+
+The batch order is a pure function of (seed, step): epoch e uses the permutation drawn
+from seed (member seed, e), so a resumed run needs no RNG state and sees the same batches
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from sae_core.config import L1_TYPE_ARCHITECTURES, SAEConfig, TrainConfig
+from sae_core.init import initial_b_dec
+from sae_core.registry import get_architecture
+from sae_core.saes.base import SAE, LossContext
+from sae_core.training.schedules import PAnnealer, lr_multiplier, sparsity_warmup_multiplier
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+StepCallback = Callable[[int, SAE, dict], None]
+InputTransform = Callable[[Tensor], Tensor]
+
+
+def seeded_generator(*words: int) -> torch.Generator:
+    """A torch generator whose seed is derived from ``words`` by numpy's SeedSequence."""
+    state = np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+_INIT, _BATCHES = 1, 2  # purposes, so init and batch order never share a stream
+
+
+class BatchSampler:
+    """Row indices of each member's batch at a given step: [J, B].
+
+    Each member walks through its own permutation of the rows, redrawn every epoch;
+    the last incomplete batch of an epoch is dropped.
+    """
+
+    def __init__(self, seeds: list[int], n_rows: int, batch_size: int) -> None:
+        if n_rows < batch_size:
+            raise ValueError(
+                f"only {n_rows} activation rows for batch_size={batch_size}: extract more tokens "
+                "or lower batch_size"
+            )
+        self.seeds = seeds
+        self.n_rows = n_rows
+        self.batch_size = batch_size
+        self.batches_per_epoch = n_rows // batch_size
+        self._epoch = -1
+        self._perms: Tensor | None = None
+
+    def indices(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch or self._perms is None:
+            self._perms = torch.stack(
+                [torch.randperm(self.n_rows, generator=seeded_generator(s, _BATCHES, epoch)) for s in self.seeds]
+            )
+            self._epoch = epoch
+        return self._perms[:, i * self.batch_size : (i + 1) * self.batch_size]
+
+
+@dataclass
+class TrainResult:
+    """A trained module and its training record."""
+
+    sae: SAE
+    history: list[dict] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+
+def build_sae(cfg: SAEConfig, n_members: int = 1) -> SAE:
+    """An (uninitialised) SAE of the architecture named in ``cfg``."""
+    return get_architecture(cfg.architecture)(cfg, n_members=n_members)
+
+
+def _check_activations(activations: Tensor, cfg: SAEConfig) -> None:
+    if not isinstance(activations, Tensor) or activations.ndim != 2:
+        shape = tuple(activations.shape) if isinstance(activations, Tensor) else type(activations).__name__
+        raise ValueError(f"activations must be a 2-D tensor [tokens, d_in]; got {shape}")
+    if activations.shape[1] != cfg.d_in:
+        raise ValueError(
+            f"activations have d={activations.shape[1]} but the SAE config says d_in={cfg.d_in}; "
+            "use the d of the extracted layer"
+        )
+    if not activations.is_floating_point():
+        raise ValueError(f"activations must be floating point, got {activations.dtype}")
+    bad = ~torch.isfinite(activations).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"activations contain NaN/inf in {int(bad.sum())} rows (first: {rows}); clean the data")
+
+
+def _fingerprint(sae_cfg: SAEConfig, train_cfg: TrainConfig, seeds: list[int], activations: Tensor) -> str:
+    """What a checkpoint must match to be resumed (the recipe, seeds and data)."""
+    recipe = train_cfg.model_dump(exclude={"checkpoint_every", "log_every"})
+    h = hashlib.sha256()
+    h.update(json.dumps([sae_cfg.model_dump(), recipe, seeds, list(activations.shape)], sort_keys=True).encode())
+    n = activations.shape[0]
+    probe = activations[torch.linspace(0, n - 1, min(n, 64)).long()].float().contiguous()
+    h.update(probe.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _clip_per_member(params: list[torch.nn.Parameter], max_norm: float, n_members: int) -> Tensor:
+    """Scale each member's gradient to norm <= max_norm (like clip_grad_norm_ per member)."""
+    sq = torch.zeros(n_members, dtype=torch.float32)
+    for p in params:
+        if p.grad is not None:
+            sq += p.grad.float().pow(2).reshape(n_members, -1).sum(1)
+    norms = sq.sqrt()
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale.view(-1, *([1] * (p.grad.ndim - 1))).to(p.grad.dtype))
+    return norms
+
+
+class _Checkpoint:
+    """Everything needed to continue a run bit for bit, in one safetensors file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / CHECKPOINT_FILE
+
+    def save(
+        self,
+        step: int,
+        fingerprint: str,
+        sae: SAE,
+        optimizer: torch.optim.Optimizer,
+        tokens_since_fired: Tensor,
+        annealer: PAnnealer | None,
+        history: list[dict],
+    ) -> None:
+        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in sae.state_dict().items()}
+        names = {id(p): n for n, p in sae.named_parameters()}
+        for p, state in optimizer.state.items():
+            for key, value in state.items():
+                tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().clone().contiguous()
+        tensors["tokens_since_fired"] = tokens_since_fired.clone()
+        meta: dict = {"step": step, "fingerprint": fingerprint, "history": history}
+        if annealer is not None:
+            scalars, anneal_tensors = annealer.state()
+            meta["p_anneal"] = scalars
+            tensors.update(anneal_tensors)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        os.replace(tmp, self.path)
+
+    def load(self) -> tuple[dict, dict[str, Tensor]] | None:
+        if not self.path.exists():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = json.loads(f.metadata()["state"])
+            return meta, load_file(str(self.path))
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+            raise ValueError(
+                f"checkpoint {self.path} is unreadable ({err}); delete it to restart training from step 0"
+            ) from err
+
+
+def train_sae(
+    sae_cfg: SAEConfig,
+    activations: Tensor,
+    train_cfg: TrainConfig,
+    *,
+    member_seeds: list[int] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    input_transform: InputTransform | None = None,
+    callback: StepCallback | None = None,
+) -> TrainResult:
+    """Train ``len(member_seeds)`` members of ``sae_cfg`` side by side on ``activations``.
+
+    activations: [N, d_in] float tensor (held in memory).
+    member_seeds: one seed per member; default ``[train_cfg.seed]`` (a single SAE).
+    checkpoint_dir: with ``train_cfg.checkpoint_every``, a resumable checkpoint is kept
+        there; a later call with the same recipe, seeds and data resumes from it (a
+        finished run returns at once).
+    input_transform: maps each batch [J, B, d] to the member inputs, without gradient
+        (boosting feeds the residual of frozen earlier stages through it).
+    callback: called as ``callback(step, sae, record)`` after every step (1-based step).
+    """
+    _check_activations(activations, sae_cfg)
+    if train_cfg.p_annealing is not None and sae_cfg.architecture not in L1_TYPE_ARCHITECTURES:
+        raise ValueError(
+            f"p_annealing applies to L1-type SAEs ({', '.join(sorted(L1_TYPE_ARCHITECTURES))}), "
+            f"not {sae_cfg.architecture!r}; remove p_annealing from the training config"
+        )
+    seeds = list(member_seeds) if member_seeds is not None else [train_cfg.seed]
+    if not seeds:
+        raise ValueError("member_seeds is empty: give one seed per member")
+    J = len(seeds)
+    activations = activations.float()
+    sampler = BatchSampler(seeds, activations.shape[0], train_cfg.batch_size)
+
+    sae = build_sae(sae_cfg, n_members=J)
+    b_dec = initial_b_dec(activations, train_cfg.b_dec_init, train_cfg.b_dec_init_samples)
+    sae.initialize([seeded_generator(s, _INIT) for s in seeds], b_dec=b_dec, train_cfg=train_cfg)
+    params = list(sae.parameters())
+    optimizer = torch.optim.Adam(
+        params, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.adam_eps
+    )
+    tokens_since_fired = torch.zeros(J, sae_cfg.d_sae, dtype=torch.int64)
+    annealer = (
+        PAnnealer(train_cfg.p_annealing, train_cfg.n_steps, train_cfg.sparsity_coefficient, J)
+        if train_cfg.p_annealing is not None
+        else None
+    )
+    history: list[dict] = []
+    fingerprint = _fingerprint(sae_cfg, train_cfg, seeds, activations)
+    checkpoint = _Checkpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
+
+    start_step, resumed_from = 0, None
+    if checkpoint is not None and (saved := checkpoint.load()) is not None:
+        meta, tensors = saved
+        if meta["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"checkpoint {checkpoint.path} was written for a different config, seeds or data; "
+                "delete it or choose another checkpoint directory"
+            )
+        sae.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state = {}
+        for i, (name, _) in enumerate(sae.named_parameters()):
+            prefix = f"optim.{name}."
+            entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if entry:
+                opt_state[i] = entry
+        optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+        tokens_since_fired = tensors["tokens_since_fired"].clone()
+        if annealer is not None:
+            annealer.load_state(meta["p_anneal"], tensors)
+        history = meta["history"]
+        start_step = resumed_from = int(meta["step"])
+
+    dead_threshold = train_cfg.dead_tokens_threshold
+    B = train_cfg.batch_size
+    for step in range(start_step, train_cfg.n_steps):
+        x = activations[sampler.indices(step).reshape(-1)].view(J, B, sae_cfg.d_in)
+        if input_transform is not None:
+            with torch.no_grad():
+                x = input_transform(x)
+        base = annealer.coefficient.float() if annealer is not None else torch.full((J,), train_cfg.sparsity_coefficient)
+        ctx = LossContext(
+            train_cfg=train_cfg,
+            sparsity_coefficient=base * sparsity_warmup_multiplier(step, train_cfg),
+            p=annealer.p if annealer is not None else 1.0,
+            p_next=annealer.p_next if annealer is not None else None,
+            dead_mask=tokens_since_fired >= dead_threshold,
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.autocast_bf16):
+            out = sae.training_loss(x, ctx)
+        out.loss.backward()
+        if train_cfg.normalize_decoder:
+            sae.project_decoder_gradient()
+        grad_norms = _clip_per_member(params, train_cfg.grad_clip, J) if train_cfg.grad_clip else None
+        lr = train_cfg.lr * lr_multiplier(step, train_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.after_optimizer_step(train_cfg)
+
+        with torch.no_grad():
+            active = out.codes.detach() > 0
+            fired = active.any(dim=1)
+            tokens_since_fired = torch.where(fired, torch.zeros_like(tokens_since_fired), tokens_since_fired + B)
+        if annealer is not None:
+            annealer.record(out.stats["sparsity_current_p"], out.stats.get("sparsity_next_p"))
+            annealer.advance(step)
+
+        done = step + 1
+        record: dict = {}
+        if done % train_cfg.log_every == 0 or done == train_cfg.n_steps:
+            record = {
+                "step": done,
+                "lr": lr,
+                "loss": [float(v) for v in out.per_member.detach()],
+                **{name: [float(v) for v in values] for name, values in out.terms.items()},
+                "l0": [float(v) for v in active.float().sum(-1).mean(-1)],
+                "dead_fraction": [float(v) for v in (tokens_since_fired >= dead_threshold).float().mean(-1)],
+            }
+            if grad_norms is not None:
+                record["grad_norm"] = [float(v) for v in grad_norms]
+            if annealer is not None:
+                record["p"] = annealer.p
+                record["sparsity_coefficient"] = [float(v) for v in annealer.coefficient]
+            history.append(record)
+        if checkpoint is not None and train_cfg.checkpoint_every and (
+            done % train_cfg.checkpoint_every == 0 or done == train_cfg.n_steps
+        ):
+            checkpoint.save(done, fingerprint, sae, optimizer, tokens_since_fired, annealer, history)
+        if callback is not None:
+            callback(done, sae, record)
+
+    sae.eval()
+    return TrainResult(sae=sae, history=history, resumed_from_step=resumed_from)

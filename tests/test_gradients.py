@@ -1,0 +1,149 @@
+"""Every estimator and hand-written gradient against a finite-difference or slow reference."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_core import SAEConfig, TrainConfig, build_sae
+from sae_core.saes.base import LossContext, lp_sparsity
+from sae_core.saes.jumprelu import JumpReLUFunction, StepFunction
+from sae_core.training.trainer import _clip_per_member
+
+EPS = 0.5  # bandwidth: wide enough that many z fall inside the kernel
+
+
+def smooth_step(u: torch.Tensor) -> torch.Tensor:
+    """S_ε(u) = clamp(u/ε + 1/2, 0, 1): its derivative is (1/ε)·K(u/ε) with the rectangle kernel."""
+    return (u / EPS + 0.5).clamp(0, 1)
+
+
+def finite_difference(f, theta: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    grad = torch.zeros_like(theta)
+    for i in range(theta.numel()):
+        up, down = theta.clone(), theta.clone()
+        up.view(-1)[i] += h
+        down.view(-1)[i] -= h
+        grad.view(-1)[i] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+def sample(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.rand(2, 16, 5, generator=gen, dtype=torch.float64) * 2  # [J, B, k]
+    theta = torch.rand(2, 1, 5, generator=gen, dtype=torch.float64) + 0.3
+    w = torch.randn(2, 16, 5, generator=gen, dtype=torch.float64)  # upstream gradient
+    return z, theta, w
+
+
+def test_step_threshold_gradient_matches_finite_difference_of_smoothed_step():
+    z, theta, w = sample()
+    theta_p = theta.clone().requires_grad_(True)
+    z_p = z.clone().requires_grad_(True)
+    (StepFunction.apply(z_p, theta_p, EPS) * w).sum().backward()
+    reference = finite_difference(lambda t: float((smooth_step(z - t) * w).sum()), theta)
+    assert torch.allclose(theta_p.grad, reference, atol=1e-6)
+    assert torch.equal(z_p.grad, torch.zeros_like(z))  # the L0 term does not train the encoder
+
+
+def test_jumprelu_gradients_match_references():
+    z, theta, w = sample(1)
+    theta_p = theta.clone().requires_grad_(True)
+    z_p = z.clone().requires_grad_(True)
+    out = JumpReLUFunction.apply(z_p, theta_p, EPS)
+    assert torch.equal(out, z * (z > theta))
+    (out * w).sum().backward()
+    # θ: pseudo-derivative -(θ/ε) K = d/dθ of θ0 · S_ε(z - θ) with the jump size θ0 held fixed
+    reference = finite_difference(lambda t: float((theta * smooth_step(z - t) * w).sum()), theta)
+    assert torch.allclose(theta_p.grad, reference, atol=1e-6)
+    # z: the gradient passes where the unit is on
+    assert torch.equal(z_p.grad, w * (z > theta))
+
+
+def test_jumprelu_sae_l0_term_trains_only_thresholds():
+    sae = build_sae(SAEConfig(architecture="jumprelu", d_in=6, d_sae=10))
+    sae.initialize([torch.Generator().manual_seed(0)], train_cfg=TrainConfig(n_steps=1, jumprelu_init_threshold=0.3))
+    a = torch.randn(1, 32, 6, generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(n_steps=1, jumprelu_bandwidth=0.5)
+    zero = LossContext(train_cfg=cfg, sparsity_coefficient=torch.zeros(1))
+    one = LossContext(train_cfg=cfg, sparsity_coefficient=torch.ones(1))
+    grads = []
+    for c in (zero, one):
+        sae.zero_grad()
+        sae.training_loss(a, c).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(grads[0][name], grads[1][name]), name
+    assert not torch.equal(grads[0]["threshold"], grads[1]["threshold"])
+
+
+def test_lp_sparsity_gradient_matches_finite_difference_and_is_finite_at_zero():
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.relu(torch.randn(1, 8, 6, generator=gen, dtype=torch.float64))
+    norms = torch.rand(1, 6, generator=gen, dtype=torch.float64) + 0.5
+    for p in (1.0, 0.5, 0.2):
+        c = codes.clone().requires_grad_(True)
+        lp_sparsity(c, norms, p).sum().backward()
+        assert torch.isfinite(c.grad).all()
+        positive = codes > 0
+        ref = finite_difference(lambda x: float(lp_sparsity(x, norms, p).sum()), codes, h=1e-7)
+        assert torch.allclose(c.grad[positive], ref[positive], rtol=1e-4, atol=1e-6)
+        if p < 1:  # x^p has an infinite slope at 0: those entries get no gradient, not NaN
+            assert torch.equal(c.grad[~positive], torch.zeros_like(c.grad[~positive]))
+        # value by hand: mean over tokens of sum_i (c_i ||f_i||)^p
+        expected = torch.where(positive, (codes * norms[:, None, :]).clamp_min(1e-300) ** p, 0.0).sum(-1).mean(-1)
+        assert torch.allclose(lp_sparsity(codes, norms, p), expected)
+
+
+def test_gated_auxiliary_loss_does_not_reach_the_decoder():
+    sae = build_sae(SAEConfig(architecture="gated", d_in=5, d_sae=7))
+    sae.initialize([torch.Generator().manual_seed(3)])
+    with torch.no_grad():
+        sae.b_mag.fill_(0.1)
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(5))
+    a = torch.randn(1, 20, 5, generator=torch.Generator().manual_seed(4))
+    ctx = LossContext(train_cfg=TrainConfig(n_steps=1), sparsity_coefficient=torch.zeros(1))
+    sae.training_loss(a, ctx).loss.backward()
+    full = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    # the same loss without the auxiliary term, built by hand
+    pi_gate, pi_mag = sae.gate_and_magnitude(a)
+    codes = (pi_gate > 0).float() * torch.relu(pi_mag)
+    (a - sae.decode_members(codes)).pow(2).sum(-1).mean().backward()
+    assert torch.allclose(full["W_dec"], sae.W_dec.grad)
+    # (b_dec still gets the auxiliary gradient through the encoder's input a - b_dec)
+    assert not torch.allclose(full["W_enc"], sae.W_enc.grad)  # the aux term trains the gate
+
+
+def test_decoder_gradient_projection_is_tangent_and_norm_kept():
+    sae = build_sae(SAEConfig(architecture="relu", d_in=8, d_sae=12), n_members=2)
+    sae.initialize([torch.Generator().manual_seed(s) for s in (0, 1)])
+    sae.W_dec.grad = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(9))
+    before = sae.W_dec.grad.clone()
+    sae.project_decoder_gradient()
+    g = sae.W_dec.grad
+    assert torch.allclose((g * sae.W_dec).sum(-1), torch.zeros(2, 12), atol=1e-6)
+    # the removed part is parallel to the row: before - after = (before . f) f
+    removed = before - g
+    assert torch.allclose(removed, (before * sae.W_dec).sum(-1, keepdim=True) * sae.W_dec, atol=1e-6)
+    with torch.no_grad():
+        sae.W_dec.add_(g, alpha=-0.5)
+    sae.after_optimizer_step(TrainConfig(n_steps=1))
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(2, 12), atol=1e-6)
+
+
+def test_per_member_clipping_equals_torch_clip_grad_norm_for_each_member():
+    gen = torch.Generator().manual_seed(0)
+    stacked = [torch.nn.Parameter(torch.zeros(3, 4, 5)), torch.nn.Parameter(torch.zeros(3, 5))]
+    for p in stacked:
+        p.grad = torch.randn(p.shape, generator=gen) * torch.tensor([0.01, 1.0, 10.0]).view(-1, *[1] * (p.ndim - 1))
+    singles = []
+    for j in range(3):
+        ps = [torch.nn.Parameter(torch.zeros(p.shape[1:])) for p in stacked]
+        for p, s in zip(stacked, ps):
+            s.grad = p.grad[j].clone()
+        torch.nn.utils.clip_grad_norm_(ps, 1.0)
+        singles.append(ps)
+    _clip_per_member(stacked, 1.0, 3)
+    for j in range(3):
+        for p, s in zip(stacked, singles[j]):
+            assert torch.allclose(p.grad[j], s.grad, rtol=1e-6, atol=1e-8)
