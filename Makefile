@@ -38,3 +38,4 @@ clean:
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py --json runs/bench/training.json
+	$(PY) benchmarks/bench_bagging.py --json runs/bench/bagging.json

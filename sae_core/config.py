@@ -126,6 +126,11 @@ class TrainConfig(_Strict):
     batchtopk_threshold_rate: float = Field(
         default=0.01, gt=0, le=1, description="EMA rate of BatchTopK's inference threshold."
     )
+    bootstrap: bool = Field(
+        default=False,
+        description="True bagging: each member trains on its own bootstrap resample of the tokens "
+        "(drawn from its seed). Off by default, as in the paper's naive bagging.",
+    )
     checkpoint_every: int | None = Field(
         default=None, gt=0, description="Write a resumable checkpoint every this many steps."
     )

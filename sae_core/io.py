@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -21,6 +22,9 @@ from safetensors.torch import load_file, save_file
 from sae_core.config import SAEConfig
 from sae_core.saes.base import SAE
 from sae_core.training.trainer import build_sae
+
+if TYPE_CHECKING:
+    from sae_core.ensemble import Ensemble
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -125,3 +129,65 @@ def load_sae(directory: str | Path) -> SAE:
     sae.load_state_dict({name: t.unsqueeze(0).to(torch.float32) for name, t in tensors.items()})
     sae.eval()
     return sae
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def member_dirname(j: int) -> str:
+    return f"member_{j:02d}"
+
+
+def save_ensemble(ensemble: "Ensemble", directory: str | Path) -> Path:
+    """Members as SPEC §5 directories plus ``ensemble.json`` (method, α, member order), atomically."""
+    directory = Path(directory)
+    names = [member_dirname(j) for j in range(ensemble.n_members)]
+    meta = {
+        "method": ensemble.method,
+        "alpha": [float(a) for a in ensemble.alpha],
+        "members": names,
+        "architecture": ensemble.member_cfg.architecture,
+        "d_in": ensemble.d_in,
+        "d_sae_per_member": ensemble.member_cfg.d_sae,
+        "info": ensemble.info,
+        "format_version": FORMAT_VERSION,
+    }
+    with atomic_directory(directory) as tmp:
+        for j, name in enumerate(names):
+            (tmp / name).mkdir()
+            save_file(ensemble.members.member_state(j), str(tmp / name / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / name / CONFIG_FILE).write_text(json.dumps(sae_config_dict(ensemble.member_cfg), indent=2) + "\n")
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_ensemble(directory: str | Path) -> "Ensemble":
+    """Load an ensemble saved by :func:`save_ensemble`; outputs are identical to the saved one."""
+    from sae_core.ensemble import Ensemble
+
+    directory = Path(directory)
+    path = directory / ENSEMBLE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ENSEMBLE_FILE} in {directory}: not an ensemble directory")
+    try:
+        meta = json.loads(path.read_text())
+        names, method, alpha = meta["members"], meta["method"], meta["alpha"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid ensemble description ({err!r}); it needs method, alpha and members") from err
+    if len(names) != len(alpha):
+        raise ValueError(f"{path} lists {len(names)} members but {len(alpha)} weights alpha")
+    missing = [n for n in names if not (directory / n).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"ensemble {directory} is missing member director{'y' if len(missing) == 1 else 'ies'} {missing}; "
+            "re-save or retrain the ensemble"
+        )
+    members = [load_sae(directory / n) for n in names]
+    for n, m in zip(names, members):
+        if m.cfg != members[0].cfg:
+            raise ValueError(f"member {n} of {directory} has config {m.cfg}, unlike {names[0]} ({members[0].cfg})")
+    stacked = type(members[0]).stack(members)
+    ensemble = Ensemble(stacked, method, torch.tensor(alpha, dtype=torch.float32))
+    ensemble.info = meta.get("info", {})
+    ensemble.eval()
+    return ensemble

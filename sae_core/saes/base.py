@@ -13,6 +13,7 @@ all members, pass ``a.expand(J, B, d)``.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -237,6 +238,17 @@ class SAE(nn.Module):
             raise IndexError(f"member {j} out of range: this module holds {self.n_members} members")
         state = self.state_dict()
         return {name: state[name][j].detach().clone().contiguous() for name in self.saved_tensor_names()}
+
+    def member_view(self, j: int) -> "SAE":
+        """Member j as a J = 1 module sharing this module's storage (no copy, no gradient)."""
+        if not 0 <= j < self.n_members:
+            raise IndexError(f"member {j} out of range: this module holds {self.n_members} members")
+        view = copy.copy(self)
+        view._parameters = {n: nn.Parameter(p.detach()[j : j + 1], requires_grad=False) for n, p in self._parameters.items()}
+        view._buffers = {n: b[j : j + 1] for n, b in self._buffers.items()}
+        view._modules = {}
+        view.n_members = 1
+        return view
 
     def member(self, j: int) -> "SAE":
         """A standalone single SAE (J = 1) holding a copy of member j."""

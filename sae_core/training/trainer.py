@@ -43,17 +43,18 @@ def seeded_generator(*words: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-_INIT, _BATCHES = 1, 2  # purposes, so init and batch order never share a stream
+_INIT, _BATCHES, _BOOTSTRAP = 1, 2, 3  # purposes, so the random streams never overlap
 
 
 class BatchSampler:
     """Row indices of each member's batch at a given step: [J, B].
 
     Each member walks through its own permutation of the rows, redrawn every epoch;
-    the last incomplete batch of an epoch is dropped.
+    the last incomplete batch of an epoch is dropped. With ``bootstrap``, member j first
+    draws N rows with replacement (from its seed) and walks through that resample instead.
     """
 
-    def __init__(self, seeds: list[int], n_rows: int, batch_size: int) -> None:
+    def __init__(self, seeds: list[int], n_rows: int, batch_size: int, bootstrap: bool = False) -> None:
         if n_rows < batch_size:
             raise ValueError(
                 f"only {n_rows} activation rows for batch_size={batch_size}: extract more tokens "
@@ -65,6 +66,11 @@ class BatchSampler:
         self.batches_per_epoch = n_rows // batch_size
         self._epoch = -1
         self._perms: Tensor | None = None
+        self.resample: Tensor | None = None
+        if bootstrap:
+            self.resample = torch.stack(
+                [torch.randint(n_rows, (n_rows,), generator=seeded_generator(s, _BOOTSTRAP)) for s in seeds]
+            )
 
     def indices(self, step: int) -> Tensor:
         epoch, i = divmod(step, self.batches_per_epoch)
@@ -73,7 +79,8 @@ class BatchSampler:
                 [torch.randperm(self.n_rows, generator=seeded_generator(s, _BATCHES, epoch)) for s in self.seeds]
             )
             self._epoch = epoch
-        return self._perms[:, i * self.batch_size : (i + 1) * self.batch_size]
+        rows = self._perms[:, i * self.batch_size : (i + 1) * self.batch_size]
+        return rows if self.resample is None else torch.gather(self.resample, 1, rows)
 
 
 @dataclass
@@ -211,7 +218,7 @@ def train_sae(
         raise ValueError("member_seeds is empty: give one seed per member")
     J = len(seeds)
     activations = activations.float()
-    sampler = BatchSampler(seeds, activations.shape[0], train_cfg.batch_size)
+    sampler = BatchSampler(seeds, activations.shape[0], train_cfg.batch_size, train_cfg.bootstrap)
 
     sae = build_sae(sae_cfg, n_members=J)
     b_dec = initial_b_dec(activations, train_cfg.b_dec_init, train_cfg.b_dec_init_samples)

@@ -1,0 +1,66 @@
+"""Batched bagging vs a single SAE: tokens·members per second, as a ratio in one run.
+
+The J members of a naive-bagging ensemble train as one module (stacked weights, one
+batched matmul per step). Target: per-member throughput of the batched module at least
+that of a single SAE of the same shape, i.e. ratio >= 1.
+
+    python benchmarks/bench_bagging.py [--members 8] [--arch topk] [--d 384] [--k 3072] [--batch 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sae_core import SAEConfig, TrainConfig, train_sae
+
+
+def member_tokens_per_second(cfg: SAEConfig, n_members: int, batch: int, steps: int, bf16: bool) -> float:
+    data = torch.randn(batch * (steps + 2), cfg.d_in)
+    times: list[float] = []
+    last = [0.0]
+
+    def clock(step, sae, record):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    tcfg = TrainConfig(n_steps=steps + 1, batch_size=batch, autocast_bf16=bf16, b_dec_init="mean", log_every=10**6)
+    last[0] = time.perf_counter()
+    train_sae(cfg, data, tcfg, member_seeds=list(range(n_members)), callback=clock)
+    per_step = sorted(times[1:])[len(times[1:]) // 2]  # median; the first step is warm-up
+    return batch * n_members / per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--members", type=int, default=8)
+    parser.add_argument("--arch", action="append")
+    parser.add_argument("--d", type=int, default=384)
+    parser.add_argument("--k", type=int, default=3072)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--json", default="runs/bench/bagging.json")
+    args = parser.parse_args()
+    results = []
+    print(f"J={args.members}, d={args.d}, k={args.k}, batch={args.batch}/member, {'bf16' if args.bf16 else 'fp32'}")
+    print(f"{'architecture':<12} {'single tok/s':>13} {'batched tok*mem/s':>18} {'ratio':>6}")
+    for arch in args.arch or ["relu", "topk"]:
+        cfg = SAEConfig(architecture=arch, d_in=args.d, d_sae=args.k, **({"k": 32} if arch in ("topk", "batchtopk") else {}))
+        single = member_tokens_per_second(cfg, 1, args.batch, args.steps, args.bf16)
+        batched = member_tokens_per_second(cfg, args.members, args.batch, args.steps, args.bf16)
+        print(f"{arch:<12} {single:>13.0f} {batched:>18.0f} {batched / single:>6.2f}", flush=True)
+        results.append({"architecture": arch, "members": args.members, "single_tokens_per_s": single,
+                        "batched_member_tokens_per_s": batched, "ratio": batched / single})
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
