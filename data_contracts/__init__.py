@@ -1,0 +1,49 @@
+"""Schemas and great-expectations suites of every artifact, and the one ``validate`` entry point.
+
+Only this package knows an artifact's schema. Stages call :func:`validate` on what they
+read and write; a violation raises :class:`ContractViolation` naming the artifact, the
+failed expectations and sample offending rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure
+
+
+def artifact_kind(path: str | Path) -> str:
+    """'activations' for an activation directory, else the kind stored in the Parquet footer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_dir():
+        return "activations"
+    if not path.exists():
+        raise ContractViolation(path, [Failure("artifact exists", "no such file or directory")])
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ContractViolation(path, [Failure("readable Parquet", f"cannot be read ({err})")]) from err
+    kind = meta.get(ARTIFACT_KEY)
+    if kind is None:
+        raise ContractViolation(path, [Failure("artifact kind", "the Parquet footer names no sae_ensembles artifact")])
+    return kind.decode()
+
+
+def validate(artifact: str | Path) -> object:
+    """Validate an artifact by its kind; returns its manifest or frame, raises ContractViolation."""
+    kind = artifact_kind(artifact)
+    if kind == "activations":
+        from data_contracts.activations import validate_activations
+
+        return validate_activations(artifact)
+    if kind == "documents":
+        from data_contracts.documents import read_documents
+
+        return read_documents(artifact)
+    raise ContractViolation(artifact, [Failure("known artifact kind", f"no contract for kind {kind!r}")])
+
+
+__all__ = ["ContractViolation", "Failure", "validate", "artifact_kind"]

@@ -1,10 +1,11 @@
 """The ``sae-ensembles`` command line.
 
 Subcommands so far:
+  extract     extract validated activation shards for the config's ``extract`` section
   synthetic   train every architecture on a synthetic sparse dictionary and report how
               well each recovers it (an end-to-end check of sae_core on this machine).
 
-The pipeline stages (run, extract, train, evaluate, downstream, report) arrive with the
+The other pipeline stages (run, train, evaluate, downstream, report) arrive with the
 Prefect flows.
 """
 
@@ -45,6 +46,51 @@ def _synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_config_section(path: str, section: str) -> dict:
+    """The ``section`` mapping of a YAML config file; errors name the file and the problem."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: config file {file} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SystemExit(f"error: {file} is not valid YAML: {err}")
+    if not isinstance(raw, dict):
+        raise SystemExit(f"error: {file} must hold a mapping of sections, got {type(raw).__name__}")
+    known = {"name", "extract", "train", "evaluate", "downstream", "report"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SystemExit(f"error: {file} has unknown section(s) {unknown}; known: {sorted(known)}")
+    return raw.get(section) or {}
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from data_contracts import ContractViolation
+    from tasks.config import ExtractConfig
+    from tasks.extract import run_extraction
+
+    try:
+        cfg = ExtractConfig(**load_config_section(args.config, "extract"))
+    except ValidationError as err:
+        print(f"error: section 'extract' of {args.config} is invalid:\n{err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    try:
+        report = run_extraction(cfg, out)
+    except (ContractViolation, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    m = report.manifest
+    verb = "extracted" if report.did_work else "already up to date:"
+    print(f"{verb} {m.model} layer {m.layer} (d={m.d}): " + ", ".join(f"{k} {v} tokens" for k, v in m.tokens_per_split.items()))
+    print(f"activations in {out / 'activations'} ({len(m.shards)} shards, {len(report.shards_written)} written), documents in {out / 'documents.parquet'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-ensembles", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="seed of the data and the SAEs (default: 0)")
     syn.add_argument("--arch", action="append", help="architecture to train (repeatable; default: all)")
     syn.set_defaults(handler=_synthetic)
+    ext = sub.add_parser("extract", help="extract activation shards (the config's extract section)")
+    ext.add_argument("--config", default="configs/default.yaml", help="YAML config (default: configs/default.yaml)")
+    ext.add_argument("--out", help="run directory (default: runs/<config name>)")
+    ext.set_defaults(handler=_extract)
     return parser
 
 

@@ -36,3 +36,27 @@ def test_unknown_architecture_is_refused(tmp_path):
     )
     assert proc.returncode == 2 and "unknown architecture(s) ['vanilla']" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_extract_command_runs_the_stage_and_then_reports_up_to_date(tmp_path):
+    from tests.tiny_models import TEXTS, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", "bert")
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        f"name: tiny\nextract:\n  model: {model}\n  layer: 1\n  context_length: 8\n"
+        f"  corpus:\n    - name: {corpus}\n  split_fractions: {{train: 0.6, val: 0.2, test: 0.2}}\n"
+    )
+    cmd = [sys.executable, "-m", "flows.cli", "extract", "--config", str(cfg), "--out", str(tmp_path / "run")]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("extracted ") and (tmp_path / "run" / "activations" / "manifest.json").is_file()
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert second.returncode == 0 and second.stdout.startswith("already up to date:")
+    assert "0 written" in second.stdout
+
+    cfg.write_text("extract:\n  model: x\n  layerz: 3\n")
+    bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "layerz" in bad.stderr and "Extra inputs are not permitted" in bad.stderr

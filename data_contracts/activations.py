@@ -1,0 +1,286 @@
+"""The activation contract: Parquet shards of residual-stream activations plus a manifest.
+
+Layout of an activation directory::
+
+    manifest.json
+    split=train/shard-00000.parquet   (doc_id, split, position, token_id, activation[d])
+    split=val/...
+    split=test/...
+
+Every shard holds whole documents, so (doc_id, position) is unique within a shard and
+no document spans two shards. The manifest records the model (id and revision or weight
+hash), layer, d, tokenizer, the corpus fingerprint, token counts per split and each
+shard's row count and sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_contracts.core import ContractViolation, Failure, file_sha256, run_suite, write_parquet_atomic
+
+ARTIFACT = "activations"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(description="Path relative to the activation directory.")
+    split: str
+    rows: int = Field(ge=0)
+    documents: int = Field(ge=0)
+    sha256: str
+
+
+class ActivationManifest(BaseModel):
+    """What the activation directory holds and how it was made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    model: str
+    revision: str
+    layer: int = Field(ge=0)
+    d: int = Field(gt=0)
+    tokenizer: str
+    vocab_size: int = Field(gt=0)
+    context_length: int = Field(gt=0)
+    include_special_tokens: bool
+    corpus_fingerprint: str
+    config_fingerprint: str
+    tokens_per_split: dict[str, int]
+    documents_per_split: dict[str, int]
+    shards: list[ShardInfo]
+    max_norm: float = Field(gt=0, description="Upper bound on a token's activation norm (contract).")
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+
+def activation_schema(d: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("split", pa.string()),
+            ("position", pa.int32()),
+            ("token_id", pa.int32()),
+            ("activation", pa.list_(pa.float32(), d)),
+        ]
+    )
+
+
+def shard_path(split: str, index: int) -> str:
+    return f"split={split}/shard-{index:05d}.parquet"
+
+
+def write_shard(
+    directory: Path,
+    split: str,
+    index: int,
+    doc_ids: np.ndarray,
+    position: np.ndarray,
+    token_id: np.ndarray,
+    activation: np.ndarray,
+    config_fingerprint: str,
+    validate: tuple[int, float] | None = None,
+) -> ShardInfo:
+    """Write one shard atomically; returns its manifest entry.
+
+    With ``validate=(vocab_size, max_norm)`` the rows are checked against the shard
+    suite first and a violation raises before anything is written.
+    """
+    n, d = activation.shape
+    flat = pa.array(np.ascontiguousarray(activation, dtype=np.float32).reshape(-1), type=pa.float32())
+    table = pa.Table.from_arrays(
+        [
+            pa.array(doc_ids, type=pa.string()),
+            pa.array([split] * n, type=pa.string()),
+            pa.array(position, type=pa.int32()),
+            pa.array(token_id, type=pa.int32()),
+            pa.FixedSizeListArray.from_arrays(flat, d),
+        ],
+        schema=activation_schema(d),
+    )
+    rel = shard_path(split, index)
+    info = ShardInfo(file=rel, split=split, rows=n, documents=len(set(doc_ids.tolist())), sha256="")
+    if validate is not None:
+        # check the rows before they are published, so a bad shard never lands on disk
+        _, failures = validate_table(table, info, *validate)
+        if failures:
+            raise ContractViolation(directory / rel, failures)
+    digest = write_parquet_atomic(table, directory / rel, ARTIFACT, {"sae_ensembles.config_fingerprint": config_fingerprint})
+    return info.model_copy(update={"sha256": digest})
+
+
+def shard_fingerprint(path: Path) -> str | None:
+    """The extraction-config fingerprint stored in a shard's footer (None if unreadable)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    value = meta.get(b"sae_ensembles.config_fingerprint")
+    return value.decode() if value else None
+
+
+def write_manifest(directory: Path, manifest: ActivationManifest) -> None:
+    tmp = directory / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
+def read_manifest(directory: Path) -> ActivationManifest:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ContractViolation(directory, [Failure("manifest exists", f"no {MANIFEST} in {directory}: run extraction first")])
+    try:
+        return ActivationManifest(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError, TypeError) as err:
+        raise ContractViolation(path, [Failure("manifest is valid", str(err).splitlines()[0])]) from err
+
+
+def _shard_table(path: Path, d: int) -> tuple[pa.Table | None, list[Failure]]:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        return None, [Failure("readable Parquet", f"{path.name} cannot be read ({err}); the file is truncated or corrupt")]
+    expected = activation_schema(d)
+    got = table.schema.remove_metadata()
+    if not got.equals(expected):
+        problems = []
+        for f in expected:
+            if f.name not in got.names:
+                problems.append(f"missing column {f.name}")
+            elif got.field(f.name).type != f.type:
+                t = got.field(f.name).type
+                if f.name == "activation" and pa.types.is_fixed_size_list(t):
+                    problems.append(
+                        f"column activation has width {t.list_size} ({t.value_type}), expected width {d} (the manifest's d) of float"
+                    )
+                else:
+                    problems.append(f"column {f.name} is {t}, expected {f.type}")
+        return None, [Failure("schema", "; ".join(problems) or f"schema {got} != {expected}")]
+    return table, []
+
+
+def row_summary(table: pa.Table) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-row summary for the expectation suite (ids, norm, finiteness) and the [n, d] matrix."""
+    col = table.column("activation").combine_chunks()
+    d = col.type.list_size
+    values = col.values.to_numpy(zero_copy_only=False).reshape(-1, d) if len(col) else np.zeros((0, d), np.float32)
+    finite = np.isfinite(values).all(axis=1)
+    norm = np.linalg.norm(np.where(np.isfinite(values), values, 0.0), axis=1)
+    frame = pd.DataFrame(
+        {
+            "doc_id": table.column("doc_id").to_pandas(),
+            "split": table.column("split").to_pandas(),
+            "position": table.column("position").to_numpy(),
+            "token_id": table.column("token_id").to_numpy(),
+            "norm": norm,
+            "finite": finite,
+        }
+    )
+    return frame, values
+
+
+def shard_expectations(info: ShardInfo, vocab_size: int, max_norm: float) -> list:
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectTableRowCountToEqual(value=info.rows),
+        gxe.ExpectColumnValuesToNotBeNull(column="doc_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=[info.split]),
+        gxe.ExpectColumnValuesToBeBetween(column="position", min_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="token_id", min_value=0, max_value=vocab_size - 1),
+        gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+        gxe.ExpectColumnValuesToBeBetween(column="norm", min_value=0, max_value=max_norm),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["doc_id", "position"]),
+    ]
+
+
+def validate_table(table: pa.Table, info: ShardInfo, vocab_size: int, max_norm: float) -> tuple[np.ndarray, list[Failure]]:
+    """Run the shard suite on a table already checked for schema; returns (matrix, failures)."""
+    where = f"[{info.file}] "
+    frame, values = row_summary(table)
+    failures = run_suite(f"activations_{info.split}", frame, shard_expectations(info, vocab_size, max_norm))
+    for f in failures:
+        f.detail = where + f.detail
+        if f.expectation == "expect_column_values_to_be_in_set" and "finite" in f.detail:
+            bad = frame.index[~frame["finite"]][:5]
+            f.samples = frame.loc[bad, ["doc_id", "position", "token_id"]].to_dict("records")
+    return values, failures
+
+
+def validate_shard(directory: Path, info: ShardInfo, manifest: ActivationManifest, *, check_checksum: bool = True) -> tuple[np.ndarray | None, list[Failure]]:
+    """Check one shard against the manifest and the suite; returns (matrix or None, failures)."""
+    path = Path(directory) / info.file
+    where = f"[{info.file}] "
+    if not path.is_file():
+        return None, [Failure("shard exists", f"{where}listed in the manifest but missing")]
+    failures: list[Failure] = []
+    if check_checksum:
+        digest = file_sha256(path)
+        if digest != info.sha256:
+            failures.append(Failure("checksum matches manifest", f"{where}sha256 {digest[:12]}… != manifest {info.sha256[:12]}…"))
+    table, read_failures = _shard_table(path, manifest.d)
+    if table is None:
+        return None, failures + [Failure(f.expectation, where + f.detail) for f in read_failures]
+    if failures:
+        return None, failures
+    return validate_table(table, info, manifest.vocab_size, manifest.max_norm)
+
+
+def validate_activations(directory: str | Path, *, splits: tuple[str, ...] = SPLITS) -> ActivationManifest:
+    """Validate a whole activation directory; raise one ContractViolation listing every problem."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    failures: list[Failure] = []
+    seen_docs: dict[str, str] = {}
+    for split in splits:
+        rows = 0
+        for info in manifest.shards_of(split):
+            _, shard_failures = validate_shard(directory, info, manifest)
+            failures += shard_failures
+            rows += info.rows
+            if not shard_failures:
+                docs = pq.read_table(directory / info.file, columns=["doc_id"]).column("doc_id").unique().to_pylist()
+                for doc in docs:
+                    if doc in seen_docs:
+                        failures.append(Failure("documents in one shard", f"doc {doc!r} is in {seen_docs[doc]} and {info.file}"))
+                    seen_docs[doc] = info.file
+        expected = manifest.tokens_per_split.get(split, 0)
+        if rows != expected:
+            failures.append(Failure("token counts match manifest", f"split {split}: shards list {rows} rows, manifest says {expected}"))
+    if failures:
+        raise ContractViolation(directory, failures)
+    return manifest
+
+
+def load_split(directory: str | Path, split: str, *, validate: bool = True) -> np.ndarray:
+    """All activations of one split as one float32 matrix [N, d] (validated on read)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    parts, failures = [], []
+    for info in manifest.shards_of(split):
+        if validate:
+            values, shard_failures = validate_shard(directory, info, manifest)
+            failures += shard_failures
+        else:
+            values = row_summary(pq.read_table(directory / info.file))[1]
+        if values is not None:
+            parts.append(values)
+    if failures:
+        raise ContractViolation(directory, failures)
+    if not parts:
+        raise ContractViolation(directory, [Failure("split has tokens", f"split {split!r} has no shards in the manifest")])
+    return np.concatenate(parts)

@@ -1,0 +1,121 @@
+"""Shared machinery of the contracts: the violation error, great-expectations runs, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ARTIFACT_KEY = b"sae_ensembles.artifact"
+
+
+@dataclass
+class Failure:
+    """One failed expectation: what was expected and sample offending values."""
+
+    expectation: str
+    detail: str
+    unexpected_count: int | None = None
+    samples: list[Any] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        count = f" ({self.unexpected_count} rows)" if self.unexpected_count is not None else ""
+        sample = f"; sample: {self.samples[:5]}" if self.samples else ""
+        return f"{self.expectation}: {self.detail}{count}{sample}"
+
+
+class ContractViolation(ValueError):
+    """An artifact breaks its contract. Names the artifact, the failed expectations and samples."""
+
+    def __init__(self, artifact: str | Path, failures: list[Failure]) -> None:
+        self.artifact = str(artifact)
+        self.failures = failures
+        lines = "\n".join(f"  - {f}" for f in failures)
+        super().__init__(f"artifact {self.artifact} violates its contract ({len(failures)} failed):\n{lines}")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, artifact: str, extra_metadata: dict[str, str] | None = None) -> str:
+    """Write ``table`` to ``path`` via a temp file and rename; returns the file's sha256."""
+    meta = dict(table.schema.metadata or {})
+    meta[ARTIFACT_KEY] = artifact.encode()
+    for k, v in (extra_metadata or {}).items():
+        meta[k.encode()] = v.encode()
+    table = table.replace_schema_metadata(meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest
+
+
+_CONTEXT = None
+
+
+def gx_context():
+    """One ephemeral great-expectations context per process, progress bars off."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        _CONTEXT = gx.get_context(mode="ephemeral")
+        _CONTEXT.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return _CONTEXT
+
+
+def run_suite(name: str, frame: pd.DataFrame, expectations: list) -> list[Failure]:
+    """Validate ``frame`` against great-expectations ``expectations``; return the failures."""
+    import great_expectations as gx
+
+    ctx = gx_context()
+    source_name = f"src_{name}"
+    try:
+        source = ctx.data_sources.get(source_name)
+    except (KeyError, ValueError):
+        source = ctx.data_sources.add_pandas(source_name)
+    try:
+        asset = source.get_asset("frame")
+    except (LookupError, ValueError):
+        asset = source.add_dataframe_asset("frame")
+    try:
+        batch_def = asset.get_batch_definition("whole")
+    except (KeyError, ValueError):
+        batch_def = asset.add_batch_definition_whole_dataframe("whole")
+    batch = batch_def.get_batch(batch_parameters={"dataframe": frame})
+    suite = gx.ExpectationSuite(name=name, expectations=[e.copy() if hasattr(e, "copy") else e for e in expectations])
+    result = batch.validate(suite)
+    failures = []
+    for r in result.results:
+        if r.success:
+            continue
+        cfg = r.expectation_config
+        res = r.result or {}
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in {"batch_id"}}
+        failures.append(
+            Failure(
+                expectation=cfg.type,
+                detail=", ".join(f"{k}={v}" for k, v in kwargs.items()) + (f"; observed {res['observed_value']}" if "observed_value" in res else ""),
+                unexpected_count=res.get("unexpected_count"),
+                samples=list(res.get("partial_unexpected_list", []) or [])[:5],
+            )
+        )
+    return failures

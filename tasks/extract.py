@@ -1,0 +1,220 @@
+"""The activation-extraction stage: corpus + model -> validated Parquet shards + manifest.
+
+Outputs under the run directory::
+
+    documents.parquet          the documents with their split (labelled-documents contract)
+    activations/manifest.json  written last, after every shard passed its contract
+    activations/split=<s>/shard-<i>.parquet
+
+Shards are written atomically and carry the extraction fingerprint in their footer, so
+an interrupted extraction resumes from its finished shards, and a rerun with the same
+inputs finds a valid manifest and does no work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from data_contracts.activations import (
+    MANIFEST,
+    SPLITS,
+    ActivationManifest,
+    ShardInfo,
+    shard_fingerprint,
+    shard_path,
+    validate_activations,
+    validate_shard,
+    write_manifest,
+    write_shard,
+)
+from data_contracts.core import ContractViolation, file_sha256, gx_context
+from data_contracts.documents import write_documents
+from sae_core.extraction import ActivationBatch, Window, extract_batches, make_windows
+from sae_core.models import LoadedModel, _resolve_source, load_model, weights_fingerprint
+from tasks.config import ExtractConfig
+from tasks.sources import corpus_fingerprint, load_corpus
+
+ACTIVATIONS_DIR = "activations"
+DOCUMENTS_FILE = "documents.parquet"
+
+
+@dataclass
+class ExtractionReport:
+    manifest: ActivationManifest
+    shards_written: list[str]
+    shards_reused: list[str]
+    tokens_extracted: int
+    seconds: float
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.shards_written)
+
+
+def model_identity(cfg: ExtractConfig) -> str:
+    """Model name plus what pins its weights: the weight files' hash for local/embedded models."""
+    source, _ = _resolve_source(cfg.model)
+    if isinstance(source, Path):
+        return f"{cfg.model}@sha256:{weights_fingerprint(source)}"
+    return f"{cfg.model}@{cfg.revision or 'default'}"
+
+
+def extraction_fingerprint(cfg: ExtractConfig, corpus_fp: str, model_id: str) -> str:
+    """What the shards depend on: the config (minus batching), the corpus and the weights."""
+    recipe = cfg.model_dump(exclude={"batch_size"})
+    h = hashlib.sha256()
+    h.update(repr(sorted(recipe.items())).encode())
+    h.update(corpus_fp.encode())
+    h.update(model_id.encode())
+    return h.hexdigest()
+
+
+def _plan(docs: pd.DataFrame, token_ids: list[list[int]], cfg: ExtractConfig, n_special: int) -> dict[str, list[np.ndarray]]:
+    """Per split, the shards as arrays of row indices into ``docs`` (capped by max_tokens_per_split)."""
+    plan: dict[str, list[np.ndarray]] = {}
+    body = cfg.context_length - n_special
+    for split in SPLITS:
+        rows = np.flatnonzero(docs["split"].to_numpy() == split)
+        rows = rows[np.argsort(docs["doc_id"].to_numpy()[rows], kind="stable")]
+        cap = (cfg.max_tokens_per_split or {}).get(split)
+        if cap is not None:
+            kept, total = [], 0
+            for r in rows:
+                if total >= cap:
+                    break
+                n = len(token_ids[r])
+                total += n + (n_special * -(-n // max(body, 1)) if cfg.include_special_tokens else 0)
+                kept.append(r)
+            rows = np.array(kept, dtype=np.int64)
+        rows = rows[[len(token_ids[r]) > 0 for r in rows]] if len(rows) else rows
+        plan[split] = [rows[i : i + cfg.documents_per_shard] for i in range(0, len(rows), cfg.documents_per_shard)]
+    return plan
+
+
+def _existing_shard_info(directory: Path, rel: str, split: str) -> ShardInfo:
+    path = directory / rel
+    table = pq.read_table(path, columns=["doc_id"])
+    return ShardInfo(
+        file=rel, split=split, rows=table.num_rows, documents=len(table.column("doc_id").unique()), sha256=file_sha256(path)
+    )
+
+
+def _extract_shard(loaded: LoadedModel, doc_ids: np.ndarray, ids: list[list[int]], cfg: ExtractConfig, bar) -> ActivationBatch:
+    windows: list[Window] = []
+    for i, toks in enumerate(ids):
+        windows += make_windows(i, toks, cfg.context_length, loaded.prefix_ids, loaded.suffix_ids)
+    windows.sort(key=lambda w: len(w.input_ids))  # less padding per batch
+    parts = []
+    for batch in extract_batches(loaded, windows, cfg.batch_size, cfg.include_special_tokens):
+        parts.append(batch)
+        if bar is not None:
+            bar.update(len(batch.position))
+    out = ActivationBatch.concat(parts, loaded.d_model)
+    order = np.lexsort((out.position, out.doc_index))  # deterministic row order: by document, then position
+    return ActivationBatch(out.doc_index[order], out.position[order], out.token_id[order], out.activation[order])
+
+
+def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = True) -> ExtractionReport:
+    """Extract (or resume, or confirm) the activations of ``cfg`` into ``run_dir``."""
+    start = time.perf_counter()
+    # great_expectations takes seconds to import: do it beside the model's work
+    warm_up = threading.Thread(target=gx_context, daemon=True)
+    warm_up.start()
+    run_dir = Path(run_dir)
+    out = run_dir / ACTIVATIONS_DIR
+    docs = load_corpus(cfg, cache_dir=run_dir / ".cache" / "datasets")
+    corpus_fp = corpus_fingerprint(docs)
+    fingerprint = extraction_fingerprint(cfg, corpus_fp, model_identity(cfg))
+
+    if (out / MANIFEST).is_file():
+        try:
+            manifest = validate_activations(out)
+            if manifest.config_fingerprint == fingerprint:
+                return ExtractionReport(manifest, [], [s.file for s in manifest.shards], 0, time.perf_counter() - start)
+        except ContractViolation:
+            pass  # damaged or incomplete: resume below, reusing every intact shard
+
+    existing = {p: shard_fingerprint(p) for p in out.glob("split=*/*.parquet")}
+    for path, fp in existing.items():
+        if fp is None:  # unreadable (e.g. truncated by a crash outside our atomic write): redo it
+            path.unlink()
+    stale = [p for p, fp in existing.items() if fp is not None and fp != fingerprint]
+    if stale:
+        raise ValueError(
+            f"{out} holds shards extracted with a different config, corpus or model (e.g. {stale[0].name}); "
+            "delete that directory or choose another run directory"
+        )
+
+    loaded = load_model(cfg.model, cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    token_ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
+    n_special = len(loaded.prefix_ids) + len(loaded.suffix_ids)
+    plan = _plan(docs, token_ids, cfg, n_special)
+    write_documents(docs, run_dir / DOCUMENTS_FILE)
+
+    todo_tokens = sum(
+        len(token_ids[r]) for split in SPLITS for i, rows in enumerate(plan[split]) if not (out / shard_path(split, i)).is_file() for r in rows
+    )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"extract {cfg.model} layer {cfg.layer}")
+    shards: list[ShardInfo] = []
+    written, reused, extracted = [], [], 0
+    try:
+        for split in SPLITS:
+            for index, rows in enumerate(plan[split]):
+                rel = shard_path(split, index)
+                if (out / rel).is_file():
+                    shards.append(_existing_shard_info(out, rel, split))
+                    reused.append(rel)
+                    continue
+                doc_ids = docs["doc_id"].to_numpy()[rows]
+                batch = _extract_shard(loaded, doc_ids, [token_ids[r] for r in rows], cfg, bar)
+                info = write_shard(
+                    out, split, index, doc_ids[batch.doc_index], batch.position, batch.token_id, batch.activation,
+                    fingerprint, validate=(loaded.vocab_size, cfg.max_norm),
+                )
+                shards.append(info)
+                written.append(rel)
+                extracted += info.rows
+    finally:
+        if bar is not None:
+            bar.close()
+
+    tokens = {s: sum(i.rows for i in shards if i.split == s) for s in SPLITS}
+    documents = {s: sum(i.documents for i in shards if i.split == s) for s in SPLITS}
+    provisional = ActivationManifest(
+        model=cfg.model,
+        revision=loaded.revision,
+        layer=cfg.layer,
+        d=loaded.d_model,
+        tokenizer=type(loaded.tokenizer).__name__ + f"(vocab={loaded.vocab_size})",
+        vocab_size=loaded.vocab_size,
+        context_length=cfg.context_length,
+        include_special_tokens=cfg.include_special_tokens,
+        corpus_fingerprint=corpus_fp,
+        config_fingerprint=fingerprint,
+        tokens_per_split=tokens,
+        documents_per_split=documents,
+        shards=shards,
+        max_norm=cfg.max_norm,
+    )
+    # written shards were validated before they were written; check the reused ones too
+    # before publishing the manifest: nothing unchecked goes out
+    failures = []
+    for info in shards:
+        if info.file in reused:
+            failures += validate_shard(out, info, provisional, check_checksum=False)[1]
+    if failures:
+        raise ContractViolation(out, failures)
+    write_manifest(out, provisional)
+    return ExtractionReport(provisional, written, reused, extracted, time.perf_counter() - start)
