@@ -147,3 +147,36 @@ def test_per_member_clipping_equals_torch_clip_grad_norm_for_each_member():
     for j in range(3):
         for p, s in zip(stacked, singles[j]):
             assert torch.allclose(p.grad[j], s.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_sparse_topk_training_path_equals_the_dense_path():
+    """TopK trains through sparse_decode (embedding_bag); it must match dense codes @ W_dec."""
+    from sae_core.saes.base import activity, squared_error
+    from sae_core.saes.topk import auxk_loss, topk_codes
+
+    sae = build_sae(SAEConfig(architecture="topk", d_in=12, d_sae=40, k=5), n_members=3)
+    sae.initialize([torch.Generator().manual_seed(s) for s in range(3)])
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(7))
+    a = torch.randn(3, 64, 12, generator=torch.Generator().manual_seed(8))
+    dead = torch.rand(3, 40, generator=torch.Generator().manual_seed(9)) < 0.3
+    cfg = TrainConfig(n_steps=1)
+    ctx = LossContext(train_cfg=cfg, sparsity_coefficient=torch.zeros(3), dead_mask=dead)
+
+    fast = sae.training_loss(a, ctx)
+    fast.loss.backward()
+    fast_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    pre = sae.pre_activation(a)  # the slow twin, written out densely
+    codes = topk_codes(pre, 5)
+    recon = sae.decode_members(codes)
+    slow = squared_error(a, recon) + cfg.aux_coefficient * auxk_loss(sae, pre, (a - recon).detach(), dead, 6)
+    slow.sum().backward()
+
+    assert torch.allclose(fast.per_member, slow, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fast.reconstruction, recon, atol=1e-5)
+    fired, l0 = activity(codes)
+    assert torch.equal(fast.fired, fired) and torch.allclose(fast.l0, l0)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(fast_grads[name], p.grad, rtol=1e-4, atol=1e-6), name

@@ -45,8 +45,9 @@ class LossOutput:
 
     per_member: Tensor  # [J] each member's batch-mean loss (with gradient)
     terms: dict[str, Tensor]  # name -> [J] unweighted per-member batch means (detached)
-    codes: Tensor  # [J, B, k] codes the reconstruction used
     reconstruction: Tensor  # [J, B, d]
+    fired: Tensor  # [J, k] bool: latents active on at least one token of the batch
+    l0: Tensor  # [J] mean number of active latents per token
     stats: dict[str, Tensor] = field(default_factory=dict)  # [J] extra statistics
 
     @property
@@ -65,15 +66,29 @@ def squared_error(a: Tensor, a_hat: Tensor) -> Tensor:
     return (at_least_fp32(a) - at_least_fp32(a_hat)).pow(2).sum(-1).mean(-1)
 
 
+def activity(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """(fired [J, k], l0 [J]) of dense codes [J, B, k], without gradient."""
+    with torch.no_grad():
+        active = codes != 0
+        return active.any(dim=1), active.sum(-1).float().mean(-1)
+
+
+def activity_kwargs(codes: Tensor) -> dict[str, Tensor]:
+    """``fired`` and ``l0`` keyword arguments of :class:`LossOutput` from dense codes."""
+    fired, l0 = activity(codes)
+    return {"fired": fired, "l0": l0}
+
+
 def lp_sparsity(codes: Tensor, decoder_norms: Tensor, p: float) -> Tensor:
     """Sum over latents of (c_i * ||f_i||)^p, mean over tokens: [J, B, k], [J, k] -> [J].
 
     The power is taken only where the code is positive: the gradient of x^p at 0 is
     infinite for p < 1 and would turn into NaN.
     """
-    weighted = at_least_fp32(codes) * at_least_fp32(decoder_norms)[:, None, :]
     if p == 1.0:
-        return weighted.sum(-1).mean(-1)
+        # codes are non-negative: Σ_i c_i ||f_i|| as one batched mat-vec, no [J, B, k] temporary
+        return torch.bmm(at_least_fp32(codes), at_least_fp32(decoder_norms)[:, :, None]).squeeze(-1).mean(-1)
+    weighted = at_least_fp32(codes) * at_least_fp32(decoder_norms)[:, None, :]
     positive = weighted > 0
     safe = torch.where(positive, weighted, torch.ones_like(weighted))
     return torch.where(positive, safe.pow(p), torch.zeros_like(weighted)).sum(-1).mean(-1)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.registry import register_architecture
-from sae_core.saes.base import SAE, LossContext, LossOutput, squared_error
+from sae_core.saes.base import SAE, LossContext, LossOutput, activity_kwargs, squared_error
 from sae_core.saes.topk import auxk_loss
 
 
@@ -67,7 +67,7 @@ class BatchTopKSAE(SAE):
         return LossOutput(
             per_member=per_member,
             terms={"mse": mse.detach(), "auxk": aux.detach()},
-            codes=codes,
             reconstruction=recon,
+            **activity_kwargs(codes),
             stats={"threshold": self.threshold.detach().clone()},
         )

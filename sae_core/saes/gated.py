@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.registry import register_architecture
-from sae_core.saes.base import SAE, LossContext, LossOutput, lp_sparsity, squared_error
+from sae_core.saes.base import SAE, LossContext, LossOutput, activity_kwargs, lp_sparsity, squared_error
 
 
 @register_architecture("gated")
@@ -72,7 +72,7 @@ class GatedSAE(SAE):
         return LossOutput(
             per_member=per_member,
             terms={"mse": mse.detach(), "sparsity": sparsity.detach(), "aux": aux.detach()},
-            codes=codes,
             reconstruction=recon,
+            **activity_kwargs(codes),
             stats=stats,
         )

@@ -19,7 +19,7 @@ from torch.autograd import Function
 
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.registry import register_architecture
-from sae_core.saes.base import SAE, LossContext, LossOutput, squared_error
+from sae_core.saes.base import SAE, LossContext, LossOutput, activity_kwargs, squared_error
 
 
 def rectangle_kernel(u: Tensor) -> Tensor:
@@ -103,6 +103,6 @@ class JumpReLUSAE(SAE):
         return LossOutput(
             per_member=per_member,
             terms={"mse": mse.detach(), "l0": l0.detach()},
-            codes=codes,
             reconstruction=recon,
+            **activity_kwargs(codes),
         )

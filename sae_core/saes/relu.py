@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from sae_core.registry import register_architecture
-from sae_core.saes.base import SAE, LossContext, LossOutput, lp_sparsity, squared_error
+from sae_core.saes.base import SAE, LossContext, LossOutput, activity_kwargs, lp_sparsity, squared_error
 
 
 @register_architecture("relu")
@@ -34,7 +34,7 @@ class ReLUSAE(SAE):
         return LossOutput(
             per_member=per_member,
             terms={"mse": mse.detach(), "sparsity": sparsity.detach()},
-            codes=codes,
             reconstruction=recon,
+            **activity_kwargs(codes),
             stats={"sparsity_current_p": sparsity.detach(), **stats},
         )

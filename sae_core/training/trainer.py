@@ -287,10 +287,7 @@ def train_sae(
         optimizer.zero_grad(set_to_none=True)
         sae.after_optimizer_step(train_cfg)
 
-        with torch.no_grad():
-            active = out.codes.detach() > 0
-            fired = active.any(dim=1)
-            tokens_since_fired = torch.where(fired, torch.zeros_like(tokens_since_fired), tokens_since_fired + B)
+        tokens_since_fired = torch.where(out.fired, torch.zeros_like(tokens_since_fired), tokens_since_fired + B)
         if annealer is not None:
             annealer.record(out.stats["sparsity_current_p"], out.stats.get("sparsity_next_p"))
             annealer.advance(step)
@@ -303,7 +300,7 @@ def train_sae(
                 "lr": lr,
                 "loss": [float(v) for v in out.per_member.detach()],
                 **{name: [float(v) for v in values] for name, values in out.terms.items()},
-                "l0": [float(v) for v in active.float().sum(-1).mean(-1)],
+                "l0": [float(v) for v in out.l0],
                 "dead_fraction": [float(v) for v in (tokens_since_fired >= dead_threshold).float().mean(-1)],
             }
             if grad_norms is not None:
