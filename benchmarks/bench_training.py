@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from sae_core import SAEConfig, TrainConfig, train_sae
+from common import member_tokens_per_second
+
+from sae_core import SAEConfig
 
 
 def matmul_flops_per_second(batch: int, d: int, k: int, dtype: torch.dtype, repeats: int = 10) -> float:
@@ -34,20 +36,7 @@ def matmul_flops_per_second(batch: int, d: int, k: int, dtype: torch.dtype, repe
 
 def step_tokens_per_second(arch: str, d: int, k: int, batch: int, steps: int, bf16: bool) -> float:
     cfg = SAEConfig(architecture=arch, d_in=d, d_sae=k, **({"k": 32} if arch in ("topk", "batchtopk") else {}))
-    data = torch.randn(batch * (steps + 1), d)
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def clock(step, sae, record):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    tcfg = TrainConfig(n_steps=steps + 1, batch_size=batch, autocast_bf16=bf16, b_dec_init="mean", log_every=10**6)
-    last[0] = time.perf_counter()
-    train_sae(cfg, data, tcfg, callback=clock)
-    per_step = sorted(times[1:])[len(times[1:]) // 2]  # median, first step (warm-up) dropped
-    return batch / per_step
+    return member_tokens_per_second(cfg, 1, batch, steps, bf16)
 
 
 def main() -> None:

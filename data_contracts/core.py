@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sae_core.models import file_sha256  # noqa: F401  (re-exported: one definition of a file hash)
 
 ARTIFACT_KEY = b"sae_ensembles.artifact"
 
@@ -38,14 +39,6 @@ class ContractViolation(ValueError):
         self.failures = failures
         lines = "\n".join(f"  - {f}" for f in failures)
         super().__init__(f"artifact {self.artifact} violates its contract ({len(failures)} failed):\n{lines}")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, artifact: str, extra_metadata: dict[str, str] | None = None) -> str:

@@ -14,7 +14,6 @@ inputs finds a valid manifest and does no work.
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from data_contracts.activations import (
     write_manifest,
     write_shard,
 )
-from data_contracts.core import ContractViolation, file_sha256, gx_context
+from data_contracts.core import ContractViolation, file_sha256
 from data_contracts.documents import write_documents
 from sae_core.extraction import ActivationBatch, Window, extract_batches, make_windows
 from sae_core.models import LoadedModel, _resolve_source, load_model, weights_fingerprint
@@ -125,9 +124,6 @@ def _extract_shard(loaded: LoadedModel, doc_ids: np.ndarray, ids: list[list[int]
 def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = True) -> ExtractionReport:
     """Extract (or resume, or confirm) the activations of ``cfg`` into ``run_dir``."""
     start = time.perf_counter()
-    # great_expectations takes seconds to import: do it beside the model's work
-    warm_up = threading.Thread(target=gx_context, daemon=True)
-    warm_up.start()
     run_dir = Path(run_dir)
     out = run_dir / ACTIVATIONS_DIR
     docs = load_corpus(cfg, cache_dir=run_dir / ".cache" / "datasets")
