@@ -41,7 +41,13 @@ class ContractViolation(ValueError):
         super().__init__(f"artifact {self.artifact} violates its contract ({len(failures)} failed):\n{lines}")
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, artifact: str, extra_metadata: dict[str, str] | None = None) -> str:
+def write_parquet_atomic(
+    table: pa.Table,
+    path: Path,
+    artifact: str,
+    extra_metadata: dict[str, str] | None = None,
+    compression: str = "zstd",
+) -> str:
     """Write ``table`` to ``path`` via a temp file and rename; returns the file's sha256."""
     meta = dict(table.schema.metadata or {})
     meta[ARTIFACT_KEY] = artifact.encode()
@@ -51,7 +57,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, artifact: str, extra_metad
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression=compression)
         digest = file_sha256(tmp)
         os.replace(tmp, path)
     finally:
