@@ -34,7 +34,6 @@ from sae_core.training.schedules import PAnnealer, lr_multiplier, sparsity_warmu
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 StepCallback = Callable[[int, SAE, dict], None]
-InputTransform = Callable[[Tensor], Tensor]
 
 
 def seeded_generator(*words: int) -> torch.Generator:
@@ -186,6 +185,18 @@ class _Checkpoint:
             ) from err
 
 
+def _restore(sae: SAE, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    """Load module and Adam state saved by :class:`_Checkpoint`."""
+    sae.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state = {}
+    for i, (name, _) in enumerate(sae.named_parameters()):
+        prefix = f"optim.{name}."
+        entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if entry:
+            opt_state[i] = entry
+    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
 def train_sae(
     sae_cfg: SAEConfig,
     activations: Tensor,
@@ -193,7 +204,6 @@ def train_sae(
     *,
     member_seeds: list[int] | None = None,
     checkpoint_dir: str | Path | None = None,
-    input_transform: InputTransform | None = None,
     callback: StepCallback | None = None,
 ) -> TrainResult:
     """Train ``len(member_seeds)`` members of ``sae_cfg`` side by side on ``activations``.
@@ -203,8 +213,6 @@ def train_sae(
     checkpoint_dir: with ``train_cfg.checkpoint_every``, a resumable checkpoint is kept
         there; a later call with the same recipe, seeds and data resumes from it (a
         finished run returns at once).
-    input_transform: maps each batch [J, B, d] to the member inputs, without gradient
-        (boosting feeds the residual of frozen earlier stages through it).
     callback: called as ``callback(step, sae, record)`` after every step (1-based step).
     """
     _check_activations(activations, sae_cfg)
@@ -245,14 +253,7 @@ def train_sae(
                 f"checkpoint {checkpoint.path} was written for a different config, seeds or data; "
                 "delete it or choose another checkpoint directory"
             )
-        sae.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt_state = {}
-        for i, (name, _) in enumerate(sae.named_parameters()):
-            prefix = f"optim.{name}."
-            entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if entry:
-                opt_state[i] = entry
-        optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+        _restore(sae, optimizer, tensors)
         tokens_since_fired = tensors["tokens_since_fired"].clone()
         if annealer is not None:
             annealer.load_state(meta["p_anneal"], tensors)
@@ -263,9 +264,6 @@ def train_sae(
     B = train_cfg.batch_size
     for step in range(start_step, train_cfg.n_steps):
         x = activations[sampler.indices(step).reshape(-1)].view(J, B, sae_cfg.d_in)
-        if input_transform is not None:
-            with torch.no_grad():
-                x = input_transform(x)
         base = annealer.coefficient.float() if annealer is not None else torch.full((J,), train_cfg.sparsity_coefficient)
         ctx = LossContext(
             train_cfg=train_cfg,
