@@ -48,3 +48,86 @@ def test_l0_counts_nonzeros_including_negative_codes():
 def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"\(2, 3\) and \(2, 2\)"):
         metrics.mse(A, A_HAT[:, :2])
+
+
+# ----------------------------------------------------- bias, dead latents, dictionaries
+def test_shrinkage_gamma_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    a_hat = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
+    # E||â||² : E[a·â] = 1.25 : 2.5
+    assert metrics.shrinkage_gamma(a, a_hat) == pytest.approx(0.5)
+    assert metrics.shrinkage_gamma(a, a) == pytest.approx(1.0)
+
+
+def test_dead_fraction_by_hand():
+    assert metrics.dead_fraction(torch.tensor([True, False, False, True])) == 0.5
+
+
+def test_c_dec_by_hand_and_chunked_equals_dense():
+    W = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])  # norms do not matter
+    expected = (0 + 2 ** -0.5 + 2 ** -0.5) / 3
+    assert metrics.c_dec(W) == pytest.approx(expected)
+    assert metrics.c_dec(W, chunk=1) == pytest.approx(expected)
+    R = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    U = R / R.norm(dim=1, keepdim=True)
+    C = (U @ U.T).abs()
+    dense = float((C.sum() - C.diagonal().sum()) / (50 * 49))
+    assert metrics.c_dec(R, chunk=7) == pytest.approx(dense, rel=1e-5)
+
+
+def test_diversity_by_hand_and_chunked_equals_dense():
+    W = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    # rows 0 and 1 share cosine 0.8 >= 0.7; row 2's best is 0.6; row 3's best is 0.0
+    assert metrics.diversity(W) == (2, 0.5)
+    assert metrics.diversity(W, chunk=1) == (2, 0.5)
+    assert metrics.diversity(torch.cat([W, W]))[0] == 0  # duplicated latents are never diverse
+    R = torch.randn(60, 4, generator=torch.Generator().manual_seed(1))
+    U = R / R.norm(dim=1, keepdim=True)
+    C = U @ U.T
+    C.fill_diagonal_(-2)
+    assert metrics.diversity(R, 0.9, chunk=8)[0] == int((C.max(1).values < 0.9).sum())
+
+
+def test_stability_by_hand_self_random_and_chunked():
+    D1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    D2 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    # e2 of run 1 has cosine 0 with (1, 0) and -1 with (0, -1): max(0, ·) = 0
+    assert metrics.stability([D1, D2]) == pytest.approx([0.5, 0.5])
+    R = torch.randn(256, 16, generator=torch.Generator().manual_seed(2))
+    assert metrics.stability([R, R.clone()]) == pytest.approx([1.0, 1.0])
+    # a third run counts as "any other run"
+    assert metrics.stability([D1, D2, D1]) == pytest.approx([1.0, 0.5, 1.0])
+    r1, r2 = metrics.random_dictionary_like(R, 1), metrics.random_dictionary_like(R, 2)
+    rand = metrics.stability([r1, r2])
+    baseline = float(metrics.max_cosine_to(r1, r2).mean())
+    assert rand[0] == pytest.approx(baseline) and rand[0] < 0.8
+    assert metrics.stability([R, r1], chunk=5) == pytest.approx(metrics.stability([R, r1]), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.stability([R])
+
+
+def test_stability_matched_by_hand_and_on_a_permutation():
+    W1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    W2 = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    # one-to-one: W1[0]-W2[1] (1.0) and W1[1]-W2[0] (0.8); greedy on W1[1] first would be worse
+    assert metrics.stability_matched(W1, W2) == pytest.approx(0.9)
+    R = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(4))
+    assert metrics.stability_matched(R, 3.0 * R[perm]) == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------- connectivity
+def test_connectivity_by_hand_with_a_dead_latent():
+    codes = torch.tensor([[0.5, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # pairs that co-fire (diagonal included): (0,0) (0,1) (1,0) (1,1) -> 4 of 9
+    assert metrics.connectivity(codes) == pytest.approx(5 / 9)
+    assert metrics.connectivity([codes[:1], codes[1:]], block=1, pairs_per_step=1) == pytest.approx(5 / 9)
+
+
+def test_blockwise_connectivity_equals_dense_h_transpose_h():
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.rand(300, 90, generator=gen) * (torch.rand(300, 90, generator=gen) < 0.05)
+    H = (codes != 0).float()
+    dense = 1 - float(((H.T @ H) > 0).sum()) / 90**2
+    for block, step in [(90, 1 << 24), (7, 50), (1, 3)]:
+        assert metrics.connectivity(list(codes.split(64)), block=block, pairs_per_step=step) == pytest.approx(dense)
