@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sae_core.config import ArchitectureName, TrainConfig
 
 
 class _Strict(BaseModel):
@@ -62,3 +66,97 @@ class ExtractConfig(_Strict):
         if self.max_tokens_per_split is not None and not set(self.max_tokens_per_split) <= {"train", "val", "test"}:
             raise ValueError(f"max_tokens_per_split keys must be train/val/test; got {sorted(self.max_tokens_per_split)}")
         return self
+
+
+# --------------------------------------------------------------------------- training
+MethodName = Literal["single", "expanded", "expanded_compute_matched", "bagging", "boosting"]
+
+
+class TrainStageConfig(_Strict):
+    """The training stage: S independent runs of every method on the train split.
+
+    Run r of bagging and boosting uses member seeds {rJ, …, rJ + J − 1} (disjoint across
+    runs). The single SAE of run r is bagging's member 0 (seed rJ): the J = 1 point of
+    both curves, as in the paper. Expanded SAEs are one SAE of width J·d_sae with TopK
+    sparsity k·J (L1/L0 SAEs keep the same λ).
+    """
+
+    architecture: ArchitectureName = Field(default="topk", description="Member architecture (all methods).")
+    d_sae: int = Field(default=768, gt=0, description="Latents per member (the expanded SAE has J·d_sae).")
+    k: int | None = Field(default=16, gt=0, description="Active latents per token (topk/batchtopk); None otherwise.")
+    n_members: int = Field(default=8, ge=1, description="J_max: members of the bagging and boosting ensembles.")
+    n_runs: int = Field(default=3, ge=1, description="S: independent runs (disjoint seed blocks) of every method.")
+    expanded_sizes: list[int] = Field(
+        default_factory=lambda: [8],
+        description="J values at which an expanded SAE of width J·d_sae is trained (each at most n_members).",
+    )
+    compute_matched_expanded: bool = Field(
+        default=True, description="Also train each expanded SAE for J× the steps (the ensemble's compute)."
+    )
+    methods: list[MethodName] = Field(
+        default_factory=lambda: ["single", "expanded", "expanded_compute_matched", "bagging", "boosting"],
+        description="Methods to train.",
+    )
+    max_train_tokens: int | None = Field(default=None, gt=0, description="Use at most this many train tokens.")
+    recipe: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(n_steps=200, batch_size=1024, lr=1e-3, autocast_bf16=True),
+        description="Training recipe of every SAE (its seed is replaced per member).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainStageConfig":
+        bad = [j for j in self.expanded_sizes if not 1 <= j <= self.n_members]
+        if bad:
+            raise ValueError(f"expanded_sizes {bad} must lie in 1..n_members={self.n_members}")
+        return self
+
+
+# ------------------------------------------------------------------------- evaluation
+class EvaluateConfig(_Strict):
+    """Intrinsic metrics (SPEC §6) on the test split, at every J = 1..J_max over the S runs."""
+
+    split: Literal["train", "val", "test"] = Field(default="test", description="Split the metrics are computed on.")
+    max_tokens: int | None = Field(default=None, gt=0, description="Use at most this many tokens of the split.")
+    batch_size: int = Field(default=4096, gt=0, description="Tokens encoded per batch.")
+    diversity_threshold: float = Field(default=0.7, gt=0, le=1, description="Cosine below which a latent counts as diverse.")
+    matched_max_latents: int = Field(
+        default=8192, gt=0, description="Largest dictionary for the Hungarian stability_matched (O(m³)); larger: skipped."
+    )
+    ce_loss: bool = Field(default=True, description="Compute ce_loss_recovered and KL when the model is a causal LM.")
+    ce_max_documents: int = Field(default=64, gt=0, description="Test documents used for the CE/KL splice.")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the confidence intervals.")
+
+
+# ------------------------------------------------------------------------- downstream
+class DownstreamConfig(_Strict):
+    """Concept detection (sparse probing) and spurious correlation removal (SPEC §7)."""
+
+    probing_datasets: list[str] = Field(default_factory=lambda: ["bbc", "tweets"], description="Labelled sets for sparse probing.")
+    probing_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10], description="Latents per probe (k).")
+    max_documents_per_class: int = Field(default=200, gt=0, description="Cap per class and split (balanced, seeded).")
+    scr_pairs: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("business", "sport"), ("politics", "tech"), ("entertainment", "sport")],
+        description="BBC topic pairs used as the SCR target y.",
+    )
+    scr_n_ablated: list[int] = Field(default_factory=lambda: [2, 5, 10, 20, 50, 100], description="Latents ablated (n).")
+    scr_min_cell: int = Field(default=20, gt=0, description="Fewest documents a (topic, gender) cell may hold.")
+    seed: int = Field(default=0, description="Seed of the document samples and probes.")
+
+
+# ----------------------------------------------------------------------------- report
+class ReportConfig(_Strict):
+    """The report: report.md and a self-contained report.html."""
+
+    top_contexts: int = Field(default=5, ge=0, description="Top-activating token contexts shown per latent.")
+    latents_per_member: int = Field(default=3, ge=0, description="Latents shown for the first and last member.")
+
+
+class PipelineConfig(_Strict):
+    """A whole run: one section per stage (each stage reads only its own section)."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (runs/<name>/).")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    train: TrainStageConfig = Field(default_factory=TrainStageConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)

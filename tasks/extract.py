@@ -38,11 +38,10 @@ from data_contracts.core import ContractViolation, file_sha256
 from data_contracts.documents import write_documents
 from sae_core.extraction import ActivationBatch, Window, extract_batches, make_windows
 from sae_core.models import LoadedModel, _resolve_source, load_model, weights_fingerprint
+from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE
 from tasks.config import ExtractConfig
 from tasks.sources import corpus_fingerprint, load_corpus
 
-ACTIVATIONS_DIR = "activations"
-DOCUMENTS_FILE = "documents.parquet"
 
 
 @dataclass
