@@ -1,12 +1,15 @@
 """The ``sae-ensembles`` command line.
 
-Subcommands so far:
-  extract     extract validated activation shards for the config's ``extract`` section
+Subcommands:
+  run         the whole pipeline as a Prefect flow (finished stages come from the cache)
+  extract, train, evaluate, downstream, report
+              one stage as a Prefect flow; it reads the earlier stages' artifacts
   synthetic   train every architecture on a synthetic sparse dictionary and report how
               well each recovers it (an end-to-end check of sae_core on this machine).
 
-The other pipeline stages (run, train, evaluate, downstream, report) arrive with the
-Prefect flows.
+Every stage command takes --config FILE (YAML, default configs/default.yaml), --out DIR
+(default runs/<config name>/) and --force STAGE. Without PREFECT_API_URL the flows run
+against a temporary local Prefect server; with it, against that server.
 """
 
 from __future__ import annotations
@@ -47,47 +50,90 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def load_config_section(path: str, section: str) -> dict:
-    """The ``section`` mapping of a YAML config file; errors name the file and the problem."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"error: config file {file} does not exist")
-    try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise SystemExit(f"error: {file} is not valid YAML: {err}")
-    if not isinstance(raw, dict):
-        raise SystemExit(f"error: {file} must hold a mapping of sections, got {type(raw).__name__}")
-    known = {"name", "extract", "train", "evaluate", "downstream", "report"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SystemExit(f"error: {file} has unknown section(s) {unknown}; known: {sorted(known)}")
-    return raw.get(section) or {}
-
-
-def _extract(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from data_contracts import ContractViolation
-    from tasks.config import ExtractConfig
-    from tasks.extract import run_extraction
+    """The ``section`` mapping of a YAML config file (validated as a whole PipelineConfig first)."""
+    from flows.configs import ConfigError, load_pipeline_config
 
     try:
-        cfg = ExtractConfig(**load_config_section(args.config, "extract"))
-    except ValidationError as err:
-        print(f"error: section 'extract' of {args.config} is invalid:\n{err}", file=sys.stderr)
+        cfg = load_pipeline_config(path)
+    except ConfigError as err:
+        raise SystemExit(str(err))
+    return getattr(cfg, section).model_dump()
+
+
+STAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def _load(args: argparse.Namespace):
+    """(config, run_dir) from --config/--out, or None after printing the config error."""
+    from flows.configs import ConfigError, load_pipeline_config
+
+    try:
+        cfg = load_pipeline_config(args.config)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return None
+    return cfg, Path(args.out or Path("runs") / cfg.name)
+
+
+def _print_extract(outcome, run_dir: Path) -> None:
+    """The extract command's two lines (what it did and where the activations are)."""
+    from data_contracts.activations import read_manifest
+
+    m = read_manifest(run_dir / "activations")
+    fresh = not outcome.cached and outcome.result.did_work
+    written = 0 if outcome.cached else sum(1 for w in outcome.result.written if w.endswith(".parquet") and w.startswith("activations/"))
+    verb = "extracted" if fresh else "already up to date:"
+    print(f"{verb} {m.model} layer {m.layer} (d={m.d}): " + ", ".join(f"{k} {v} tokens" for k, v in m.tokens_per_split.items()))
+    print(f"activations in {run_dir / 'activations'} ({len(m.shards)} shards, {written} written), documents in {run_dir / 'documents.parquet'}")
+
+
+def _print_outcomes(outcomes: dict, run_dir: Path) -> None:
+    print(f"{'stage':<11} {'status':<7} {'seconds':>8}  detail")
+    for stage, o in outcomes.items():
+        status = "cached" if o.cached else "ran"
+        print(f"{stage:<11} {status:<7} {o.seconds:>8.1f}  {o.reason or o.cache_key}")
+
+
+def _stage_command(args: argparse.Namespace) -> int:
+    from flows.stages import STAGE_FLOWS, stage_section
+
+    loaded = _load(args)
+    if loaded is None:
         return 2
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    cfg, run_dir = loaded
+    stage = args.command
+    if args.force not in (None, stage):
+        print(f"error: `sae-ensembles {stage} --force` recomputes {stage} only; to recompute {args.force} and every "
+              f"stage after it use `sae-ensembles run --force {args.force}`", file=sys.stderr)
+        return 2
     try:
-        report = run_extraction(cfg, out)
-    except (ContractViolation, ValueError, FileNotFoundError) as err:
+        outcome = STAGE_FLOWS[stage](config=stage_section(cfg, stage), run_dir=str(run_dir), force=args.force == stage)
+    except STAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    m = report.manifest
-    verb = "extracted" if report.did_work else "already up to date:"
-    print(f"{verb} {m.model} layer {m.layer} (d={m.d}): " + ", ".join(f"{k} {v} tokens" for k, v in m.tokens_per_split.items()))
-    print(f"activations in {out / 'activations'} ({len(m.shards)} shards, {len(report.shards_written)} written), documents in {out / 'documents.parquet'}")
+    if stage == "extract":
+        _print_extract(outcome, run_dir)
+    else:
+        _print_outcomes({stage: outcome}, run_dir)
+        if stage == "report":
+            print(f"report: {run_dir.resolve() / 'report' / 'report.html'}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flows.stages import pipeline_flow
+
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    cfg, run_dir = loaded
+    try:
+        outcomes = pipeline_flow(config=cfg, run_dir=str(run_dir), force=args.force)
+    except STAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _print_outcomes(outcomes, run_dir)
+    print(f"report: {run_dir.resolve() / 'report' / 'report.html'} (and report.md beside it)")
     return 0
 
 
@@ -100,10 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="seed of the data and the SAEs (default: 0)")
     syn.add_argument("--arch", action="append", help="architecture to train (repeatable; default: all)")
     syn.set_defaults(handler=_synthetic)
-    ext = sub.add_parser("extract", help="extract activation shards (the config's extract section)")
-    ext.add_argument("--config", default="configs/default.yaml", help="YAML config (default: configs/default.yaml)")
-    ext.add_argument("--out", help="run directory (default: runs/<config name>)")
-    ext.set_defaults(handler=_extract)
+    from tasks.prefect_tasks import STAGES
+
+    helps = {
+        "run": "run the whole pipeline (finished stages come from the cache)",
+        "extract": "extract activation shards (the config's extract section)",
+        "train": "train single, expanded, bagging and boosting SAEs",
+        "evaluate": "compute the intrinsic metrics and their figures",
+        "downstream": "sparse probing and spurious correlation removal",
+        "report": "write report/report.md and report/report.html",
+    }
+    for name, text in helps.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", default="configs/default.yaml", help="YAML config (default: configs/default.yaml)")
+        cmd.add_argument("--out", help="run directory (default: runs/<config name>)")
+        if name == "run":
+            cmd.add_argument("--force", choices=STAGES, metavar="STAGE",
+                             help=f"recompute STAGE and every stage after it ({', '.join(STAGES)})")
+            cmd.set_defaults(handler=_run)
+        else:
+            cmd.add_argument("--force", nargs="?", const=name, choices=STAGES, metavar="STAGE",
+                             help=f"recompute {name} even if its cached result is valid")
+            cmd.set_defaults(handler=_stage_command)
     return parser
 
 
