@@ -43,6 +43,14 @@ def validate(artifact: str | Path) -> object:
         from data_contracts.documents import read_documents
 
         return read_documents(artifact)
+    if kind in ("intrinsic_metrics", "metric_summary"):
+        from data_contracts.metrics import read_intrinsic, read_summary
+
+        return read_intrinsic(artifact) if kind == "intrinsic_metrics" else read_summary(artifact)
+    from data_contracts.labelled import KINDS as DOWNSTREAM_KINDS, read_table
+
+    if kind in DOWNSTREAM_KINDS:
+        return read_table(artifact, kind)
     raise ContractViolation(artifact, [Failure("known artifact kind", f"no contract for kind {kind!r}")])
 
 

@@ -129,18 +129,50 @@ class EvaluateConfig(_Strict):
 
 # ------------------------------------------------------------------------- downstream
 class DownstreamConfig(_Strict):
-    """Concept detection (sparse probing) and spurious correlation removal (SPEC §7)."""
+    """Concept detection (sparse probing) and spurious correlation removal (SPEC §7).
 
-    probing_datasets: list[str] = Field(default_factory=lambda: ["bbc", "tweets"], description="Labelled sets for sparse probing.")
-    probing_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10], description="Latents per probe (k).")
-    max_documents_per_class: int = Field(default=200, gt=0, description="Cap per class and split (balanced, seeded).")
-    scr_pairs: list[tuple[str, str]] = Field(
-        default_factory=lambda: [("business", "sport"), ("politics", "tech"), ("entertainment", "sport")],
-        description="BBC topic pairs used as the SCR target y.",
+    Documents are run through the model, layer and context length of the extraction
+    (``activations/manifest.json``), keeping each document's first
+    ``max_tokens_per_document`` tokens; every trained model is evaluated at every
+    J = 1..J_max prefix, and the raw activations give the baseline (method "raw").
+    """
+
+    probing_datasets: list[str] = Field(
+        default_factory=lambda: ["bbc", "tweets"],
+        description="Labelled sets for sparse probing: bbc (5 topics), tweets (positive vs negative), or a local "
+        "file / hub dataset with 'text' and 'label' columns.",
     )
-    scr_n_ablated: list[int] = Field(default_factory=lambda: [2, 5, 10, 20, 50, 100], description="Latents ablated (n).")
-    scr_min_cell: int = Field(default=20, gt=0, description="Fewest documents a (topic, gender) cell may hold.")
+    probing_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10], min_length=1, description="Latents per probe (k).")
+    max_documents_per_class: int = Field(
+        default=60, gt=0, description="Probing: documents per class in each of train and test (balanced, seeded)."
+    )
+    max_tokens_per_document: int = Field(
+        default=64, ge=1, description="Tokens kept per document (its first ones, at most one context window); pooled."
+    )
+    scr_pairs: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("business", "sports"), ("politics", "tech"), ("entertainment", "sports")],
+        description="BBC topic pairs (business, entertainment, politics, sports, tech) used as the SCR target y.",
+    )
+    scr_n_ablated: list[int] = Field(
+        default_factory=lambda: [2, 5, 10, 20, 50, 100], min_length=1, description="Latents ablated (n)."
+    )
+    scr_min_cell: int = Field(default=20, gt=0, description="Fewest paragraphs a (topic, gender) cell may hold.")
+    scr_max_documents_per_cell: int = Field(
+        default=40, gt=0, description="SCR: cap on the paragraphs per (topic, gender) cell and split."
+    )
+    batch_size: int = Field(default=32, gt=0, description="Documents per forward pass of the language model.")
+    encode_batch_size: int = Field(default=4096, gt=0, description="Tokens encoded per batch by an SAE.")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the confidence bands in the figures.")
     seed: int = Field(default=0, description="Seed of the document samples and probes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DownstreamConfig":
+        same = [p for p in self.scr_pairs if p[0] == p[1]]
+        if same:
+            raise ValueError(f"an SCR pair needs two different topics; got {same}")
+        if any(k < 1 for k in self.probing_ks) or any(n < 1 for n in self.scr_n_ablated):
+            raise ValueError("probing_ks and scr_n_ablated must be positive")
+        return self
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,0 +1,195 @@
+"""The downstream stage: labelled sets and their contracts, SCR splits, end to end on a tiny model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from data_contracts import ContractViolation, validate
+from data_contracts.activations import load_split
+from data_contracts.core import write_parquet_atomic
+from data_contracts.labelled import SCHEMAS, read_table, write_table
+from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging, train_boosting, train_expanded, train_single
+from sae_core.io import load_ensemble
+from sae_core.probing import pooled_codes, sparse_probe_accuracy
+from tasks.common import model_dir
+from tasks.config import CorpusSource, DownstreamConfig, ExtractConfig
+from tasks.downstream import PROBING_FIGURE, SCR_FIGURE, run_downstream
+from tasks.extract import run_extraction
+from tasks.labelled import CellTooSmall, bbc_paragraphs, pronoun_gender, probing_set, scr_set
+from tests.tiny_models import TEXTS, build_tiny_model
+
+
+# ------------------------------------------------------------------ labelled sets
+def test_pronoun_gender():
+    assert pronoun_gender("He said his team won.") == "male"
+    assert pronoun_gender("She thanked her fans herself.") == "female"
+    assert pronoun_gender("He met her.") is None  # mixed
+    assert pronoun_gender("The shares rose; the hero left.") is None  # 'he' inside words does not count
+
+
+@pytest.fixture(scope="module")
+def paragraphs() -> pd.DataFrame:
+    return bbc_paragraphs()
+
+
+def test_scr_splits_have_the_intended_correlations(paragraphs):
+    frame, cells = scr_set(("politics", "tech"), paragraphs, max_per_cell=30, min_cell=20, seed=0)
+    biased = frame[frame["split"] == "train_biased"]
+    assert (biased["y"] == biased["z"]).all() and set(biased["y"]) == {0, 1}
+    for split in ("train_balanced", "test"):
+        part = frame[frame["split"] == split]
+        counts = part.groupby(["y", "z"]).size()
+        assert len(counts) == 4 and counts.nunique() == 1
+        assert np.corrcoef(part["y"], part["z"])[0, 1] == pytest.approx(0.0, abs=1e-12)
+    # test never shares a paragraph with training; y is the topic, z the gender
+    assert not set(frame.loc[frame["split"] == "test", "doc_id"]) & set(frame.loc[frame["split"] != "test", "doc_id"])
+    assert frame.groupby("label")["y"].nunique().max() == 1 and frame.groupby("spurious")["z"].nunique().max() == 1
+    assert all(pronoun_gender(t) == g for t, g in zip(frame["text"], frame["spurious"]))
+    # cell counts: tech/female is the smallest cell (43 paragraphs) -> 21 test, 22 balanced per cell
+    c = cells.set_index(["topic", "gender"])
+    assert c.loc[("tech", "female"), "available"] == 43
+    assert (c["test"] == 21).all() and (c["train_balanced"] == 22).all()
+    # the biased diagonal is the one with the larger cells: politics/female (67) with tech/male (348)
+    assert c.loc[("politics", "female"), "train_biased"] == 30 and c.loc[("tech", "male"), "train_biased"] == 30
+    assert c.loc[("politics", "male"), "train_biased"] == 0 and c.loc[("tech", "female"), "train_biased"] == 0
+    assert cells["test"].sum() == (frame["split"] == "test").sum()
+
+
+def test_too_small_cell_names_the_pair_and_the_cell(paragraphs):
+    with pytest.raises(CellTooSmall, match=r"SCR pair business-sports: cell \(business, female\) has 37 paragraphs.*scr_min_cell=40"):
+        scr_set(("business", "sports"), paragraphs, max_per_cell=30, min_cell=40, seed=0)
+    with pytest.raises(ValueError, match="unknown BBC topic"):
+        scr_set(("business", "sport"), paragraphs, max_per_cell=30, min_cell=5, seed=0)
+
+
+def test_probing_sets_are_balanced_and_seeded():
+    bbc = probing_set("bbc", 7, seed=0)
+    assert bbc.groupby(["split", "label"]).size().eq(7).all() and bbc["label"].nunique() == 5
+    tweets = probing_set("tweets", 5, seed=0)
+    assert sorted(tweets["label"].unique()) == ["negative", "positive"] and len(tweets) == 20
+    assert probing_set("tweets", 5, seed=0).equals(tweets)
+    assert not probing_set("tweets", 5, seed=1)["doc_id"].equals(tweets["doc_id"])
+
+
+def test_contracts_reject_corrupted_tables(tmp_path, paragraphs):
+    frame, cells = scr_set(("entertainment", "sports"), paragraphs, max_per_cell=10, min_cell=20, seed=0)
+    write_table(frame, tmp_path / "scr.parquet", "labelled_scr")
+    pd.testing.assert_frame_equal(validate(tmp_path / "scr.parquet"), frame, check_dtype=False)
+    broken = frame.copy()
+    row = broken.index[broken["split"] == "train_biased"][0]
+    broken.loc[row, "z"] = 1 - broken.loc[row, "z"]
+    with pytest.raises(ContractViolation, match="train_biased has y = z"):
+        write_table(broken, tmp_path / "bad.parquet", "labelled_scr")
+    assert not (tmp_path / "bad.parquet").exists()  # nothing published
+
+    results = pd.DataFrame({"method": ["bagging", "bagging"], "n_members": [2, 2], "run": [0, 0], "dataset": ["bbc", "bbc"],
+                            "class": ["tech", "tech"], "k": [1, 2], "accuracy": [0.9, 1.5]})
+    # a table written around the contract (as a bug or a hand edit would) fails on read
+    table = pa.Table.from_pandas(results, schema=SCHEMAS["probing_results"], preserve_index=False)
+    write_parquet_atomic(table, tmp_path / "probing.parquet", "probing_results")
+    with pytest.raises(ContractViolation) as err:
+        validate(tmp_path / "probing.parquet")
+    assert "probing.parquet" in str(err.value) and "accuracy" in str(err.value) and "1.5" in str(err.value)
+    dup = results.assign(accuracy=[0.9, 0.8], k=[1, 1])
+    with pytest.raises(ContractViolation, match="unique"):
+        write_table(dup, tmp_path / "p2.parquet", "probing_results")
+    nan = pd.DataFrame({"method": ["raw"], "n_members": [0], "run": [0], "pair": ["a-b"], "n_ablated": [2], "acc_base": [0.5],
+                        "acc_ablated": [0.6], "acc_oracle": [0.9], "score": [float("nan")]})
+    with pytest.raises(ContractViolation, match="finite"):
+        write_table(nan, tmp_path / "s.parquet", "scr_results")
+
+
+# ----------------------------------------------------------------------- end to end
+SMALL = dict(
+    probing_ks=[1, 2], max_documents_per_class=4, max_tokens_per_document=12, scr_pairs=[("entertainment", "sports")],
+    scr_n_ablated=[1, 4], scr_min_cell=10, scr_max_documents_per_cell=6, batch_size=16,
+)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run dir: a tiny BERT's activations, then single, expanded_J2, bagging (2 runs) and boosting."""
+    root = tmp_path_factory.mktemp("downstream")
+    model = build_tiny_model(root / "bert", "bert", d=32)
+    corpus = root / "docs.txt"
+    corpus.write_text("\n".join(f"{t} {TEXTS[(i + 2) % 5]}" for i, t in enumerate(TEXTS * 2)) + "\n")
+    run = root / "run"
+    run_extraction(ExtractConfig(model=str(model), layer=1, context_length=16, batch_size=8, corpus=[CorpusSource(name=str(corpus))],
+                                 split_fractions={"train": 0.8, "val": 0.1, "test": 0.1}), run, progress=False)
+    acts = torch.from_numpy(load_split(run / "activations", "train"))
+    cfg = SAEConfig(architecture="topk", d_in=32, d_sae=16, k=4)
+    recipe = TrainConfig(n_steps=8, batch_size=64, lr=3e-3, b_dec_init="mean")
+    for r in (0, 1):
+        rc = recipe.model_copy(update={"seed": r})
+        save_ensemble(train_bagging(cfg, acts, rc, 2).ensemble, model_dir(run, "bagging", r))
+    save_ensemble(train_boosting(cfg, acts, recipe, 2).ensemble, model_dir(run, "boosting", 0))
+    save_ensemble(train_single(cfg, acts, recipe).ensemble, model_dir(run, "single", 0))
+    save_ensemble(train_expanded(cfg, acts, recipe, 2).ensemble, model_dir(run, "expanded", 0, n_members=2))
+    start = time.perf_counter()
+    result = run_downstream(DownstreamConfig(**SMALL), run, progress=False)
+    return run, result, time.perf_counter() - start
+
+
+def test_run_downstream_tables(trained_run):
+    run, result, seconds = trained_run
+    probing = validate(run / "downstream" / "probing.parquet")
+    scr = validate(run / "downstream" / "scr.parquet")
+    cells = validate(run / "downstream" / "scr_cells.parquet")
+    keys = set(map(tuple, probing[["method", "n_members", "run"]].drop_duplicates().to_numpy().tolist()))
+    assert keys == {("raw", 0, 0), ("single", 1, 0), ("expanded", 2, 0), ("bagging", 1, 0), ("bagging", 2, 0),
+                    ("bagging", 1, 1), ("bagging", 2, 1), ("boosting", 1, 0), ("boosting", 2, 0)}
+    # per dictionary: bbc 5 classes + tweets 1 task, k ∈ {1, 2}; raw also has the dense probe (k = d = 32)
+    per_key = probing.groupby(["method", "n_members", "run"]).size()
+    assert (per_key.drop(("raw", 0, 0)) == 6 * 2).all() and per_key[("raw", 0, 0)] == 6 * 3
+    assert set(probing.loc[probing["method"] == "raw", "k"]) == {1, 2, 32}
+    assert probing["accuracy"].between(0, 1).all()
+    # SCR: the probes depend only on the activations, so A_base and A_oracle are shared by every method
+    assert len(scr) == 9 * 2 and scr["acc_base"].nunique() == 1 and scr["acc_oracle"].nunique() == 1
+    n_test = int(cells["test"].sum())
+    gap = np.maximum(scr["acc_oracle"] - scr["acc_base"], 1 / n_test)
+    np.testing.assert_allclose(scr["score"], (scr["acc_ablated"] - scr["acc_base"]) / gap)
+    assert set(cells["pair"]) == {"entertainment-sports"} and (cells["test"] == 6).all() and (cells["train_balanced"] == 6).all()
+    assert sorted(cells["train_biased"].tolist()) == [0, 0, 6, 6]
+    assert (run / PROBING_FIGURE).stat().st_size > 1000 and (run / SCR_FIGURE).stat().st_size > 1000
+    assert any("entertainment-sports" in n for n in result.notes) and result.did_work
+    assert seconds < 60
+
+
+def test_run_downstream_numbers_match_a_direct_computation(trained_run):
+    """The bagging J=1 prefix rows equal probing the codes of ``prefix(1)`` encoded directly."""
+    run, _, _ = trained_run
+    probing = validate(run / "downstream" / "probing.parquet")
+    data = validate(run / "downstream" / "datasets" / "probe_tweets.parquet")
+    tokens = pq.read_table(run / "downstream" / "activations" / "split=train" / "shard-00000.parquet").to_pandas()
+    ids = data["doc_id"].tolist()
+    tokens = tokens[tokens["doc_id"].isin(ids)]
+    index = tokens["doc_id"].map({d: i for i, d in enumerate(ids)}).to_numpy().copy()
+    acts = torch.tensor(np.stack(tokens["activation"].to_numpy()))
+    ens = load_ensemble(model_dir(run, "bagging", 1)).prefix(1)
+    codes = pooled_codes(ens, acts, index, len(ids)).numpy()
+    tr, te = (data["split"] == "train").to_numpy(), (data["split"] == "test").to_numpy()
+    direct = sparse_probe_accuracy(codes[tr], data["label"][tr], codes[te], data["label"][te], [1, 2], seed=0)
+    got = probing[(probing["method"] == "bagging") & (probing["n_members"] == 1) & (probing["run"] == 1) & (probing["dataset"] == "tweets")]
+    assert sorted(got["accuracy"].tolist()) == pytest.approx(sorted(r.accuracy for r in direct))
+
+
+def test_rerun_does_no_work_and_a_changed_model_recomputes(trained_run):
+    run, first, _ = trained_run
+    before = read_table(run / "downstream" / "probing.parquet")
+    start = time.perf_counter()
+    again = run_downstream(DownstreamConfig(**SMALL), run, progress=False)
+    assert not again.did_work and again.written == []
+    assert read_table(run / "downstream" / "probing.parquet").equals(before)
+    assert time.perf_counter() - start < 20
+    # a different config recomputes the tables but reuses the cached token activations
+    changed = run_downstream(DownstreamConfig(**{**SMALL, "probing_ks": [1]}), run, progress=False)
+    assert changed.did_work and "downstream/activations" not in changed.written
+    assert set(read_table(run / "downstream" / "probing.parquet").query("method != 'raw'")["k"]) == {1}
