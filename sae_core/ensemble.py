@@ -114,16 +114,29 @@ class Ensemble(torch.nn.Module):
         r_j = a − Σ_{l<j} g_l(r_l), computed sequentially.
         """
         self._check(a, self.d_in, "activations")
+        if self.method != "boosting":
+            return self.members.encode_members(a.unsqueeze(0).expand(self.n_members, -1, -1))
+        return self.member_codes_and_outputs(a)[0]
+
+    def member_codes_and_outputs(self, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Each member's codes and output g_j(a_j) (without α): [B, d] -> ([J, B, k], [J, B, d]).
+
+        The reconstruction of the first-n-member ensemble is Σ_{j<n} prefix_alpha(n)_j out_j,
+        so one call serves every prefix (what the evaluation does).
+        """
+        self._check(a, self.d_in, "activations")
         J = self.n_members
         if self.method != "boosting":
-            return self.members.encode_members(a.unsqueeze(0).expand(J, -1, -1))
-        codes = []
+            codes = self.members.encode_members(a.unsqueeze(0).expand(J, -1, -1))
+            return codes, self.members.decode_members(codes)
+        codes, outs = [], []
         residual = a
         for j in range(J):
-            c_j, recon_j = self._stage(j, residual)
+            c_j, out_j = self._stage(j, residual)
             codes.append(c_j)
-            residual = residual - recon_j
-        return torch.stack(codes)
+            outs.append(out_j)
+            residual = residual - out_j
+        return torch.stack(codes), torch.stack(outs)
 
     def _stage(self, j: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """(codes [B, k], output [B, d]) of member j alone on input x [B, d]."""
@@ -155,14 +168,19 @@ class Ensemble(torch.nn.Module):
             residual = residual - out_j
         return total
 
+    def prefix_alpha(self, n: int) -> Tensor:
+        """Weights of the first-n-member ensemble: 1/n each for bagging, α[:n] otherwise."""
+        if not 1 <= n <= self.n_members:
+            raise ValueError(f"prefix size must be in 1..{self.n_members}, got {n}")
+        if self.method == "bagging":
+            return torch.full((n,), 1.0 / n)
+        return self.alpha[:n].clone()
+
     def prefix(self, n: int) -> "Ensemble":
         """The ensemble of the first n members (bagging re-weighted to α = 1/n)."""
         if not 1 <= n <= self.n_members:
             raise ValueError(f"prefix size must be in 1..{self.n_members}, got {n}")
         stacked = type(self.members).stack([self.members.member(j) for j in range(n)])
-        if self.method == "bagging":
-            out = Ensemble(stacked, "bagging")
-        else:
-            out = Ensemble(stacked, self.method, self.alpha[:n])
+        out = Ensemble(stacked, self.method, self.prefix_alpha(n))
         out.info = {**self.info, "prefix_of": self.n_members}
         return out

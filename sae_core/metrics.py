@@ -153,20 +153,11 @@ def random_dictionary_like(W: Tensor, seed: int) -> Tensor:
 
 
 # ------------------------------------------------------------------ co-activation
-def connectivity(
-    codes: Tensor | Iterable[Tensor], m: int | None = None, block: int = 2048, pairs_per_step: int = 1 << 24
-) -> float:
-    """1 − nnz(HᵀH) / m², H the binary [T, m] code matrix (fraction of latent pairs, the
-    diagonal included, that never fire on the same token).
-
-    ``codes``: [T, m] or an iterable of [T_i, m] chunks (only non-zeros matter). Never
-    forms HᵀH: for each block of latents I it marks, in a [|I|, m] bool matrix, every
-    pair (i ∈ S_t ∩ I, j ∈ S_t) of each token's active set S_t, then counts the marks.
-    Work Σ_t L0_t², memory |I| × m bytes plus the active sets.
-    """
+def active_sets(codes: Tensor | Iterable[Tensor], m: int | None = None) -> tuple[Tensor, Tensor, int, int]:
+    """The non-zeros of a [T, m] code matrix (or of an iterable of [T_i, m] chunks) as
+    (token index [nnz], latent index [nnz], T, m); the chunks themselves are not kept, so
+    a generator of encoded batches streams through."""
     chunks = [codes] if isinstance(codes, Tensor) else codes
-    # active sets as CSR: token t's latents are lat[indptr[t]:indptr[t + 1]]; the chunks
-    # themselves are not kept, so a generator of encoded batches streams through
     rows_list, cols_list, offset = [], [], 0
     for c in chunks:
         m = m if m is not None else c.shape[1]
@@ -178,15 +169,50 @@ def connectivity(
         offset += c.shape[0]
     if m is None or not rows_list:
         raise ValueError("connectivity needs at least one chunk of codes")
-    tok = torch.cat(rows_list)
-    lat = torch.cat(cols_list)
-    counts = torch.bincount(tok, minlength=offset)
-    indptr = torch.zeros(offset + 1, dtype=torch.long)
+    return torch.cat(rows_list), torch.cat(cols_list), offset, m
+
+
+def connectivity(
+    codes: Tensor | Iterable[Tensor], m: int | None = None, block: int = 2048, pairs_per_step: int = 1 << 24
+) -> float:
+    """1 − nnz(HᵀH) / m², H the binary [T, m] code matrix (fraction of latent pairs, the
+    diagonal included, that never fire on the same token).
+
+    ``codes``: [T, m] or an iterable of [T_i, m] chunks (only non-zeros matter). See
+    :func:`connectivity_of_prefixes` for how it is computed without forming HᵀH.
+    """
+    tok, lat, n_tokens, m = active_sets(codes, m)
+    return connectivity_of_prefixes(tok, lat, n_tokens, [m], block, pairs_per_step)[0]
+
+
+def connectivity_of_prefixes(
+    tok: Tensor, lat: Tensor, n_tokens: int, sizes: list[int], block: int = 2048, pairs_per_step: int = 1 << 24
+) -> list[float]:
+    """Connectivity of the first ``s`` latents, for every s in ``sizes``, in one pass.
+
+    tok, lat [nnz]: token and latent index of every non-zero code (:func:`active_sets`).
+    The J-member prefix of an ensemble is the first J·k latents of its concatenated view,
+    so one pass over the full ensemble's active sets gives every prefix.
+
+    Never forms HᵀH: for each block of latents I it marks, in a [|I|, m] bool matrix, every
+    pair (i ∈ S_t ∩ I, j ∈ S_t) of each token's active set S_t, then counts the marks
+    inside each prefix square. Work Σ_t L0_t², memory |I| × m bytes plus the active sets.
+    """
+    if not sizes:
+        raise ValueError("sizes is empty: give at least one prefix size")
+    m = max(sizes)
+    keep = lat < m
+    tok, lat = tok[keep].long(), lat[keep].long()
+    order = torch.argsort(tok, stable=True)  # CSR: token t's latents are lat[indptr[t]:indptr[t + 1]]
+    tok, lat = tok[order], lat[order]
+    counts = torch.bincount(tok, minlength=n_tokens)
+    indptr = torch.zeros(n_tokens + 1, dtype=torch.long)
     indptr[1:] = counts.cumsum(0)
-    nnz = 0
+    nnz = [0] * len(sizes)
     for start in range(0, m, block):
         stop = min(start + block, m)
-        marks = torch.zeros((stop - start) * m, dtype=torch.bool)
+        marks = torch.zeros(stop - start, m, dtype=torch.bool)
+        flat = marks.view(-1)
         sel = (lat >= start) & (lat < stop)
         src_tok, src_lat = tok[sel], lat[sel] - start
         lens = counts[src_tok]
@@ -200,7 +226,9 @@ def connectivity(
             first = torch.repeat_interleave(indptr[t], n)
             within = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
             j = lat[first + within]
-            marks[torch.repeat_interleave(i, n) * m + j] = True
+            flat[torch.repeat_interleave(i, n) * m + j] = True
             begin = end
-        nnz += int(marks.sum())
-    return 1.0 - nnz / (m * m)
+        for q, size in enumerate(sizes):
+            if size > start:
+                nnz[q] += int(marks[: min(stop, size) - start, :size].sum())
+    return [1.0 - n / (s * s) for n, s in zip(nnz, sizes)]

@@ -131,3 +131,25 @@ def test_blockwise_connectivity_equals_dense_h_transpose_h():
     dense = 1 - float(((H.T @ H) > 0).sum()) / 90**2
     for block, step in [(90, 1 << 24), (7, 50), (1, 3)]:
         assert metrics.connectivity(list(codes.split(64)), block=block, pairs_per_step=step) == pytest.approx(dense)
+
+
+def test_connectivity_of_prefixes_equals_connectivity_of_each_prefix():
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.rand(200, 60, generator=gen) * (torch.rand(200, 60, generator=gen) < 0.08)
+    tok, lat, T, m = metrics.active_sets(list(codes.split(50)))
+    sizes = [15, 30, 45, 60]
+    got = metrics.connectivity_of_prefixes(tok, lat, T, sizes, block=7, pairs_per_step=40)
+    assert got == pytest.approx([metrics.connectivity(codes[:, :s]) for s in sizes])
+
+
+def test_mean_ci_by_hand():
+    from sae_core.stats import mean_ci
+
+    # values 1, 2, 3: mean 2, s = 1, t_{0.975, 2} = 4.302653 -> half width 4.302653 / sqrt(3)
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert hi - mean == pytest.approx(4.302653 / 3**0.5, rel=1e-6) and mean - lo == pytest.approx(hi - mean)
+    assert mean_ci([5.0]) == (5.0, None, None)
+    assert mean_ci([1.0, float("nan"), 3.0])[0] == 2.0
+    with pytest.raises(ValueError, match="at least one"):
+        mean_ci([])

@@ -1,0 +1,155 @@
+"""The intrinsic-evaluation stage: every metric of SPEC §6 at every J, over the S runs.
+
+Reads ``activations/`` (the evaluation split, validated) and ``models/*/run=*/``; writes
+
+    metrics/intrinsic.parquet   long: method, n_members, run, metric, value
+    metrics/summary.parquet     mean and 95% CI over runs per (method, n_members, metric)
+    figures/intrinsic_<metric>.png and figures/intrinsic.png (the paper's Figure 2)
+
+Bagging and boosting are scored at every prefix J = 1..J_max (bagging's J-member ensemble
+is its first J members, boosting's its first J stages); the single SAE at J = 1; an
+expanded SAE at the J whose width it matches. Stability-type metrics compare the S runs
+of one (method, J) with each other, so they need S ≥ 2.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from data_contracts.activations import load_split, validate_activations
+from data_contracts.metrics import write_intrinsic, write_summary
+from sae_core import metrics
+from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metrics
+from sae_core.io import load_ensemble
+from sae_core.stats import mean_ci
+from tasks.common import ACTIVATIONS_DIR, FIGURES_DIR, METRICS_DIR, MODELS_DIR, StageResult
+from tasks.config import EvaluateConfig
+
+INTRINSIC_FILE = "intrinsic.parquet"
+SUMMARY_FILE = "summary.parquet"
+_MODEL_DIR = re.compile(r"^(?P<method>[a-z_]+?)(?:_J(?P<J>\d+))?$")
+
+
+def discover_models(run_dir: Path) -> list[tuple[str, int | None, int, Path]]:
+    """(method, matched J or None, run, directory) of every saved model, sorted."""
+    found = []
+    for directory in sorted((run_dir / MODELS_DIR).glob("*/run=*")):
+        match = _MODEL_DIR.match(directory.parent.name)
+        run = directory.name.removeprefix("run=")
+        if match is None or not run.isdigit():
+            raise ValueError(f"unexpected model directory {directory}: expected models/<method>[_J<J>]/run=<r>")
+        J = match.group("J")
+        found.append((match.group("method"), int(J) if J else None, int(run), directory))
+    if not found:
+        raise FileNotFoundError(f"no trained models under {run_dir / MODELS_DIR}; run the train stage first")
+    return found
+
+
+def evaluation_tokens(directory: Path, split: str, max_tokens: int | None) -> torch.Tensor:
+    """The validated split [T, d]; a seeded subset of ``max_tokens`` rows if asked."""
+    acts = torch.from_numpy(load_split(directory, split))
+    if max_tokens is not None and acts.shape[0] > max_tokens:
+        keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(1))[:max_tokens]
+        acts = acts[keep.sort().values]
+    return acts
+
+
+def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], cfg: EvaluateConfig) -> tuple[list[dict], list[str]]:
+    """stability, stability_random, stability_matched(_random) per (method, J, run)."""
+    rows, notes = [], []
+    for (method, J), by_run in sorted(dictionaries.items()):
+        runs = sorted(by_run)
+        if len(runs) < 2:
+            continue
+        dicts = [by_run[r] for r in runs]
+        randoms = [metrics.random_dictionary_like(W, seed=10_000 + r) for W, r in zip(dicts, runs)]
+        for name, values in (("stability", metrics.stability(dicts)), ("stability_random", metrics.stability(randoms))):
+            rows += [{"method": method, "n_members": J, "run": r, "metric": name, "value": v} for r, v in zip(runs, values)]
+        m = dicts[0].shape[0]
+        if m > cfg.matched_max_latents:
+            notes.append(f"stability_matched skipped for {method} J={J}: {m} latents > matched_max_latents={cfg.matched_max_latents}")
+            continue
+        for name, group in (("stability_matched", dicts), ("stability_matched_random", randoms)):
+            pair = {}
+            for a in range(len(runs)):
+                for b in range(a + 1, len(runs)):
+                    pair[a, b] = metrics.stability_matched(group[a], group[b])
+            for a, r in enumerate(runs):
+                mine = [v for (p, q), v in pair.items() if a in (p, q)]
+                rows.append({"method": method, "n_members": J, "run": r, "metric": name, "value": sum(mine) / len(mine)})
+    return rows, notes
+
+
+def summarise(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """Mean and CI over runs of every (method, n_members, metric)."""
+    out = []
+    for (method, J, metric), group in frame.groupby(["method", "n_members", "metric"], sort=True):
+        mean, lo, hi = mean_ci(group["value"].to_numpy(), confidence)
+        out.append({"method": method, "n_members": int(J), "metric": metric, "mean": mean, "ci_low": lo, "ci_high": hi, "n_runs": len(group)})
+    return pd.DataFrame(out).astype({"ci_low": float, "ci_high": float})
+
+
+def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool = True) -> StageResult:
+    """Score every saved model on ``cfg.split``; see the module docstring."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    acts_dir = run_dir / ACTIVATIONS_DIR
+    manifest = validate_activations(acts_dir, splits=(cfg.split,))
+    acts = evaluation_tokens(acts_dir, cfg.split, cfg.max_tokens)
+    models = discover_models(run_dir)
+    result = StageResult(stage="evaluate", read=[f"{ACTIVATIONS_DIR} ({cfg.split} split, {acts.shape[0]} tokens)"])
+    result.validated.append(f"{ACTIVATIONS_DIR} ({cfg.split} split)")
+
+    rows: list[dict] = []
+    dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]] = defaultdict(dict)
+    iterator = models
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(models, desc="evaluate", unit="model")
+    for method, matched_J, run, directory in iterator:
+        ens = load_ensemble(directory)
+        if ens.d_in != manifest.d:
+            raise ValueError(f"{directory} was trained on d={ens.d_in} activations but {acts_dir} has d={manifest.d}; retrain (train stage)")
+        result.read.append(str(directory.relative_to(run_dir)))
+        with torch.no_grad():
+            recon = prefix_reconstruction_metrics(ens, acts.split(cfg.batch_size))
+        k = ens.member_cfg.d_sae
+        for n, values in recon.items():
+            J = matched_J if matched_J is not None else n  # an expanded SAE stands at the J it matches
+            W = ens.W_dec[: n * k].detach()
+            dictionaries[method, J][run] = W
+            values = {**values, **dictionary_metrics(W, cfg.diversity_threshold)}
+            rows += [{"method": method, "n_members": J, "run": run, "metric": name, "value": float(v)} for name, v in values.items()]
+    stab_rows, notes = _stability_rows(dictionaries, cfg)
+    rows += stab_rows
+    result.notes += notes
+    if cfg.ce_loss and manifest.model:
+        result.notes.append("ce_loss_recovered: not computed (CE splicing is not implemented yet)")
+
+    frame = pd.DataFrame(rows)
+    dropped = frame[frame["value"].isna()]
+    if len(dropped):
+        result.notes.append(f"{len(dropped)} undefined values left out (e.g. {dropped.iloc[0].to_dict()})")
+        frame = frame.dropna(subset=["value"])
+    frame = frame.astype({"n_members": "int64", "run": "int64"}).sort_values(["method", "n_members", "run", "metric"]).reset_index(drop=True)
+    summary = summarise(frame, cfg.confidence)
+    out_dir = run_dir / METRICS_DIR
+    write_intrinsic(frame, out_dir / INTRINSIC_FILE)
+    write_summary(summary, out_dir / SUMMARY_FILE)
+    result.written += [f"{METRICS_DIR}/{INTRINSIC_FILE} ({len(frame)} rows)", f"{METRICS_DIR}/{SUMMARY_FILE} ({len(summary)} rows)"]
+    result.validated += [f"{METRICS_DIR}/{INTRINSIC_FILE}", f"{METRICS_DIR}/{SUMMARY_FILE}"]
+
+    from tasks.figures import plot_intrinsic
+
+    figures = plot_intrinsic(summary, run_dir / FIGURES_DIR, confidence=cfg.confidence)
+    result.figures += [str(p.relative_to(run_dir)) for p in figures]
+    result.tables["intrinsic summary"] = summary
+    result.seconds = time.perf_counter() - start
+    return result
