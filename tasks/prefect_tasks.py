@@ -56,7 +56,7 @@ STATE_DIR = ".prefect"  # under the run directory: results/, stamps/, hashes.jso
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "extract": (DOCUMENTS_FILE, f"{ACTIVATIONS_DIR}/**/*"),
     "train": (f"{MODELS_DIR}/**/*",),
-    "evaluate": (f"{METRICS_DIR}/**/*", f"{FIGURES_DIR}/intrinsic_*"),
+    "evaluate": (f"{METRICS_DIR}/**/*", f"{FIGURES_DIR}/intrinsic*"),
     "downstream": (f"{DOWNSTREAM_DIR}/**/*", f"{FIGURES_DIR}/probing*", f"{FIGURES_DIR}/scr*"),
     "report": (f"{REPORT_DIR}/**/*",),
 }

@@ -310,6 +310,10 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Do
     if summary is not None:
         doc.p(f"Mean over runs with its {cfg.evaluate.confidence:.0%} confidence interval in brackets; L0 of the same method "
               "and J beside every metric, so no method wins by being less sparse.")
+        grid = run_dir / FIGURES_DIR / "intrinsic.png"
+        if grid.is_file():
+            doc.image(grid, "every intrinsic metric vs J (the paper's Figure 2)")
+            result.read.append(grid.relative_to(run_dir).as_posix())
         for metric, table in metric_tables(summary).items():
             doc.h(3, metric)
             doc.table(table)
@@ -353,7 +357,7 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Do
             doc.h(3, f"{title} (`{rel}`)")
             doc.table(frame.head(100))
 
-    others = [f for f in sorted((run_dir / FIGURES_DIR).glob("*.png")) if not f.name.startswith("intrinsic_")] if (run_dir / FIGURES_DIR).is_dir() else []
+    others = [f for f in sorted((run_dir / FIGURES_DIR).glob("*.png")) if not f.name.startswith("intrinsic")] if (run_dir / FIGURES_DIR).is_dir() else []
     if others:
         doc.h(2, "Downstream figures")
         for f in others:

@@ -8,10 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 
-from data_contracts.core import write_parquet_atomic
 from tasks.config import PipelineConfig
 from tasks.report import _mean_ci, metric_tables, operating_point, probing_table, run_report, scr_table
 
@@ -40,7 +38,11 @@ def _scr() -> pd.DataFrame:
 
 
 def _write(df: pd.DataFrame, path, kind: str) -> None:
-    write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), path, kind)
+    from data_contracts.labelled import write_table
+    from data_contracts.metrics import write_summary
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_summary(df, path) if kind == "metric_summary" else write_table(df, path, kind)
 
 
 def test_metric_tables_put_l0_beside_every_metric_with_its_interval():
@@ -84,8 +86,8 @@ def test_report_on_an_empty_run_names_each_missing_artifact_and_its_stage(tmp_pa
 
 def test_full_report_shows_tables_and_embeds_figures(tmp_path):
     _write(_summary(), tmp_path / "metrics" / "summary.parquet", "metric_summary")
-    _write(_probing(), tmp_path / "downstream" / "probing.parquet", "probing")
-    _write(_scr(), tmp_path / "downstream" / "scr.parquet", "scr")
+    _write(_probing(), tmp_path / "downstream" / "probing.parquet", "probing_results")
+    _write(_scr(), tmp_path / "downstream" / "scr.parquet", "scr_results")
     (tmp_path / "figures").mkdir()
     for name in ("intrinsic_explained_variance", "scr_score"):
         plt.figure(figsize=(2, 2)); plt.plot([0, 1]); plt.savefig(tmp_path / "figures" / f"{name}.png"); plt.close()
