@@ -46,12 +46,27 @@ def _run_name() -> str:
     """<flow>-<run dir name>, e.g. evaluate-smoke."""
     from prefect.runtime import flow_run
 
-    return f"{flow_run.flow_name}-{Path(str(flow_run.parameters.get('run_dir') or '')).name}"
+    params = flow_run.parameters
+    cfg = params.get("config")
+    name = cfg.get("name") if isinstance(cfg, dict) else getattr(cfg, "name", None)
+    where = params.get("run_dir") or (Path(str(params["config_file"])).stem if params.get("config_file") else name or "default")
+    return f"{flow_run.flow_name}-{Path(str(where)).name}"
 
 
-def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path, force: bool) -> StageOutcome:
-    """The body every stage flow shares (see the module docstring)."""
+def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path | None, force: bool, config_file: str | None = None) -> StageOutcome:
+    """The body every stage flow shares (see the module docstring).
+
+    config_file (a YAML config, relative to the working directory) replaces ``section`` with
+    that file's section, and its name gives the default run_dir, runs/<name>/.
+    """
     logger = get_run_logger()
+    if config_file:
+        from flows.configs import load_pipeline_config
+
+        full = load_pipeline_config(config_file)
+        section = stage_section(full, stage)
+        run_dir = run_dir or default_run_dir(full)
+    run_dir = run_dir or "runs/default"
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     missing = missing_inputs(run_dir, stage)
@@ -79,33 +94,43 @@ def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path, force: b
 
 
 @flow(name="extract", flow_run_name=_run_name, log_prints=True)
-def extract_flow(config: ExtractConfig = ExtractConfig(), run_dir: str = "runs/default", force: bool = False) -> StageOutcome:
+def extract_flow(
+    config: ExtractConfig = ExtractConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None
+) -> StageOutcome:
     """Extract validated activation shards of a model layer over the corpus."""
-    return run_stage_flow("extract", config, run_dir, force)
+    return run_stage_flow("extract", config, run_dir, force, config_file)
 
 
 @flow(name="train", flow_run_name=_run_name, log_prints=True)
-def train_flow(config: TrainStageConfig = TrainStageConfig(), run_dir: str = "runs/default", force: bool = False) -> StageOutcome:
+def train_flow(
+    config: TrainStageConfig = TrainStageConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None
+) -> StageOutcome:
     """Train single, expanded, bagging and boosting SAEs (S runs each) on the extracted activations."""
-    return run_stage_flow("train", config, run_dir, force)
+    return run_stage_flow("train", config, run_dir, force, config_file)
 
 
 @flow(name="evaluate", flow_run_name=_run_name, log_prints=True)
-def evaluate_flow(config: EvaluateConfig = EvaluateConfig(), run_dir: str = "runs/default", force: bool = False) -> StageOutcome:
+def evaluate_flow(
+    config: EvaluateConfig = EvaluateConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None
+) -> StageOutcome:
     """Intrinsic metrics of every method at J = 1..J_max, with confidence intervals and figures."""
-    return run_stage_flow("evaluate", config, run_dir, force)
+    return run_stage_flow("evaluate", config, run_dir, force, config_file)
 
 
 @flow(name="downstream", flow_run_name=_run_name, log_prints=True)
-def downstream_flow(config: DownstreamConfig = DownstreamConfig(), run_dir: str = "runs/default", force: bool = False) -> StageOutcome:
+def downstream_flow(
+    config: DownstreamConfig = DownstreamConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None
+) -> StageOutcome:
     """Sparse probing and spurious correlation removal with every method's codes."""
-    return run_stage_flow("downstream", config, run_dir, force)
+    return run_stage_flow("downstream", config, run_dir, force, config_file)
 
 
 @flow(name="report", flow_run_name=_run_name, log_prints=True)
-def report_flow(config: PipelineConfig = PipelineConfig(), run_dir: str = "runs/default", force: bool = False) -> StageOutcome:
+def report_flow(
+    config: PipelineConfig = PipelineConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None
+) -> StageOutcome:
     """report/report.md and a self-contained report/report.html from whatever the run holds."""
-    return run_stage_flow("report", config, run_dir, force)
+    return run_stage_flow("report", config, run_dir, force, config_file)
 
 
 STAGE_FLOWS = {"extract": extract_flow, "train": train_flow, "evaluate": evaluate_flow, "downstream": downstream_flow, "report": report_flow}
@@ -116,7 +141,7 @@ def stage_section(config: PipelineConfig, stage: str) -> BaseModel:
     return config if stage == "report" else getattr(config, stage)
 
 
-@flow(name="pipeline", flow_run_name="pipeline-{config.name}", log_prints=True)
+@flow(name="pipeline", flow_run_name=_run_name, log_prints=True)
 def pipeline_flow(
     config: PipelineConfig = PipelineConfig(),
     run_dir: str | None = None,

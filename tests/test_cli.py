@@ -60,3 +60,21 @@ def test_extract_command_runs_the_stage_and_then_reports_up_to_date(tmp_path):
     cfg.write_text("extract:\n  model: x\n  layerz: 3\n")
     bad = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "layerz" in bad.stderr and "Extra inputs are not permitted" in bad.stderr
+
+
+def test_run_and_stage_commands_refuse_bad_configs_and_misplaced_force(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: bad\ntrain:\n  d_sae: many\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert f"{cfg}: section 'train': train.d_sae: Input should be a valid integer" in proc.stderr and "'many'" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+    cfg.write_text("name: ok\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--config", str(cfg), "--force", "evaluate"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "use `sae-ensembles run --force evaluate`" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--force", "everything"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'everything'" in proc.stderr
