@@ -52,8 +52,8 @@ def discover_models(run_dir: Path) -> list[tuple[str, int | None, int, Path]]:
 
 
 def evaluation_tokens(directory: Path, split: str, max_tokens: int | None) -> torch.Tensor:
-    """The validated split [T, d]; a seeded subset of ``max_tokens`` rows if asked."""
-    acts = torch.from_numpy(load_split(directory, split))
+    """The split [T, d] (the caller validated it); a seeded subset of ``max_tokens`` rows if asked."""
+    acts = torch.from_numpy(load_split(directory, split, validate=False))
     if max_tokens is not None and acts.shape[0] > max_tokens:
         keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(1))[:max_tokens]
         acts = acts[keep.sort().values]
@@ -150,6 +150,6 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
 
     figures = plot_intrinsic(summary, run_dir / FIGURES_DIR, confidence=cfg.confidence)
     result.figures += [str(p.relative_to(run_dir)) for p in figures]
-    result.tables["intrinsic summary"] = summary
+    result.tables["intrinsic_summary"] = summary
     result.seconds = time.perf_counter() - start
     return result

@@ -44,8 +44,8 @@ def member_config(cfg: TrainStageConfig, d_in: int) -> SAEConfig:
 
 
 def training_tokens(directory: Path, max_tokens: int | None) -> torch.Tensor:
-    """The validated train split [N, d]; a seeded subset of ``max_tokens`` rows if asked."""
-    acts = torch.from_numpy(load_split(directory, "train"))
+    """The train split [N, d] (the caller validated it); a seeded subset of ``max_tokens`` rows if asked."""
+    acts = torch.from_numpy(load_split(directory, "train", validate=False))
     if max_tokens is not None and acts.shape[0] > max_tokens:
         keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))[:max_tokens]
         acts = acts[keep.sort().values]
