@@ -273,6 +273,67 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _tokenizer(model: str):
+    """The extraction model's tokenizer, or None (contexts then show token ids)."""
+    try:
+        from transformers import AutoTokenizer
+
+        from sae_core.models import _resolve_source
+
+        source, revision = _resolve_source(model)
+        return AutoTokenizer.from_pretrained(source, revision=revision)
+    except Exception:  # noqa: BLE001 - any failure just means ids instead of text
+        return None
+
+
+def top_contexts(run_dir: Path, model: str, latents_per_member: int, n_contexts: int, window: int = 6,
+                 max_tokens: int = 20_000) -> tuple[str, pd.DataFrame] | None:
+    """Top-activating test-split contexts for the most frequent latents of bagging run 0's first and last members.
+
+    Returns (ensemble dir, table with member, latent, frequency, activation, context), or None
+    when there is no bagging ensemble or no test split. The token is marked with [[ ]].
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    from data_contracts.activations import read_manifest
+    from sae_core.io import load_ensemble
+
+    ens_dir = run_dir / MODELS_DIR / "bagging" / "run=0"
+    acts_dir = run_dir / ACTIVATIONS_DIR
+    if not (ens_dir / "ensemble.json").is_file() or not (acts_dir / "manifest.json").is_file():
+        return None
+    manifest = read_manifest(acts_dir)
+    tables = [pq.read_table(acts_dir / s.file) for s in manifest.shards_of("test")]
+    if not tables:
+        return None
+    frame = pd.concat([t.to_pandas() for t in tables], ignore_index=True).iloc[:max_tokens]
+    x = torch.from_numpy(np.stack(frame["activation"].to_numpy()).astype(np.float32))
+    ensemble = load_ensemble(ens_dir).eval()
+    tok = _tokenizer(model)
+    piece = (lambda t: tok.convert_ids_to_tokens(int(t))) if tok is not None else (lambda t: f"#{int(t)}")
+    by_doc = {d: g.sort_values("position") for d, g in frame[["doc_id", "position", "token_id"]].groupby("doc_id")}
+    rows = []
+    members = sorted({0, ensemble.n_members - 1})
+    with torch.inference_mode():
+        codes = ensemble.member_codes(x)  # [J, N, k]
+    for j in members:
+        c = codes[j]
+        freq = (c > 0).float().mean(0)
+        for latent in torch.argsort(freq, descending=True)[:latents_per_member].tolist():
+            top = torch.topk(c[:, latent], min(n_contexts, len(c))).indices.tolist()
+            for i in top:
+                if c[i, latent] <= 0:
+                    continue
+                doc, pos = frame["doc_id"].iloc[i], int(frame["position"].iloc[i])
+                g = by_doc[doc]
+                near = g[(g["position"] >= pos - window) & (g["position"] <= pos + 2)]
+                text = " ".join(f"[[{piece(t)}]]" if p == pos else piece(t) for p, t in zip(near["position"], near["token_id"]))
+                rows.append({"member": j, "latent": latent, "frequency": round(float(freq[latent]), 4),
+                             "activation": round(float(c[i, latent]), 3), "context": text})
+    return ens_dir.relative_to(run_dir).as_posix(), pd.DataFrame(rows)
+
+
 # ------------------------------------------------------------------------- the stage
 def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Doc:
     """Assemble the report's blocks from the run directory (nothing is written here)."""
@@ -364,6 +425,18 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Do
             doc.image(f, f.stem.replace("_", " "))
             result.read.append(f.relative_to(run_dir).as_posix())
 
+    doc.h(2, "Top-activating contexts")
+    if cfg.report.latents_per_member and cfg.report.top_contexts:
+        model = json.loads(manifest_path.read_text())["model"] if manifest_path.is_file() else ""
+        found = top_contexts(run_dir, model, cfg.report.latents_per_member, cfg.report.top_contexts) if model else None
+        if found is None:
+            doc.p("**Missing**: needs `models/bagging/run=0` and the test activations; run `sae-ensembles train`.")
+        else:
+            where, table = found
+            doc.p(f"Most frequent latents of the first and last member of `{where}` on the test split; "
+                  "each latent's strongest tokens, marked [[like this]], with the tokens before them.")
+            doc.table(table)
+            result.read.append(where)
     models = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / MODELS_DIR).glob("*/run=*")) if (run_dir / MODELS_DIR).is_dir() else []
     doc.h(2, "Trained models")
     doc.bullets([f"`{m}`" for m in models] or ["**Missing**: no trained models; run `sae-ensembles train`."])
