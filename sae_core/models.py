@@ -174,13 +174,16 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    causal_lm: bool = False,
 ) -> LoadedModel:
     """Load ``name`` up to block ``layer`` (0-based) for activation extraction, offline-safe.
 
+    ``causal_lm``: load the whole model with its LM head instead (for splicing an SAE
+    into the forward pass and measuring next-token loss); it must be a causal LM.
     Errors say what was wrong: an unknown id or path, or a layer the model does not have.
     """
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -197,17 +200,21 @@ def load_model(
     if not 0 <= layer < n_layers:
         raise ValueError(f"model {name!r} has {n_layers} layers (0..{n_layers - 1}); layer {layer} does not exist")
     layer_key = "num_hidden_layers" if hasattr(config, "num_hidden_layers") else "n_layer"
-    model = AutoModel.from_pretrained(
+    is_decoder = bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])
+    ) or config.model_type in {"gpt2", "llama", "gpt_neox", "mistral", "qwen2", "gemma", "gemma2"}
+    if causal_lm and not is_decoder:
+        raise ValueError(f"model {name!r} ({config.model_type}) is not a causal LM; next-token loss needs a decoder model")
+    loader = AutoModelForCausalLM if causal_lm else AutoModel
+    kept_layers = n_layers if causal_lm else layer + 1
+    model = loader.from_pretrained(
         source,
         revision=revision,
         trust_remote_code=trust_remote_code,
         dtype=dtype,
-        **{layer_key: layer + 1},
+        **{layer_key: kept_layers},
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    is_decoder = bool(getattr(config, "is_decoder", False)) or any(
-        a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])
-    ) or config.model_type in {"gpt2", "llama", "gpt_neox", "mistral", "qwen2", "gemma", "gemma2"}
     prefix, suffix = special_template(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
     if is_decoder and not prefix and bos is not None:
@@ -230,7 +237,7 @@ def load_model(
         d_model=int(config.hidden_size if hasattr(config, "hidden_size") else config.n_embd),
         vocab_size=int(config.vocab_size),
         is_decoder=is_decoder,
-        block=_find_blocks(model, layer + 1)[layer],
+        block=_find_blocks(model, kept_layers)[layer],
         prefix_ids=prefix,
         suffix_ids=suffix,
         special_ids=frozenset(specials),

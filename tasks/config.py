@@ -123,7 +123,9 @@ class EvaluateConfig(_Strict):
         default=8192, gt=0, description="Largest dictionary for the Hungarian stability_matched (O(m³)); larger: skipped."
     )
     ce_loss: bool = Field(default=True, description="Compute ce_loss_recovered and KL when the model is a causal LM.")
-    ce_max_documents: int = Field(default=64, gt=0, description="Test documents used for the CE/KL splice.")
+    ce_max_windows: int = Field(
+        default=16, gt=0, description="Context windows of the evaluation split used for the CE/KL splice (every model and J)."
+    )
     confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the confidence intervals.")
 
 

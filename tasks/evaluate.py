@@ -86,6 +86,66 @@ def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]]
     return rows, notes
 
 
+def _ce_windows(cfg: EvaluateConfig, run_dir: Path, manifest, loaded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input ids, attention mask and splice mask [B, T] of the first ``cfg.ce_max_windows``
+    windows of the evaluation split's documents (in doc-id order)."""
+    from data_contracts.documents import read_documents
+    from sae_core.extraction import make_windows, pad_batch
+    from tasks.common import DOCUMENTS_FILE
+
+    docs = read_documents(run_dir / DOCUMENTS_FILE)
+    docs = docs[docs["split"] == cfg.split].sort_values("doc_id")
+    windows = []
+    for i, text in enumerate(docs["text"]):
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows += [w for w in make_windows(i, ids, manifest.context_length, loaded.prefix_ids, loaded.suffix_ids) if len(w.input_ids) > 2]
+        if len(windows) >= cfg.ce_max_windows:
+            break
+    if not windows:
+        raise ValueError(f"no {cfg.split} documents long enough for the CE splice in {run_dir / DOCUMENTS_FILE}")
+    input_ids, attention = pad_batch(windows[: cfg.ce_max_windows], loaded.pad_id)
+    special = torch.tensor(sorted(loaded.special_ids), dtype=torch.long)
+    splice = attention.bool() & ~torch.isin(input_ids, special)
+    return input_ids, attention, splice
+
+
+def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models) -> tuple[list[dict], str]:
+    """ce_loss_recovered, kl_divergence and the raw CEs per (method, J, run), decoder models only."""
+    from sae_core.models import load_model
+    from sae_core.splice import ce_loss_recovered, spliced_losses, zero_replacement
+
+    try:
+        loaded = load_model(manifest.model, manifest.layer, causal_lm=True)
+    except ValueError as err:
+        if "not a causal LM" in str(err):
+            return [], f"ce_loss_recovered: not applicable ({manifest.model} is not a causal LM)"
+        raise
+    if loaded.revision != manifest.revision:
+        raise ValueError(
+            f"{manifest.model} now has weights {loaded.revision}, but the activations were extracted from "
+            f"{manifest.revision}; rerun extraction (--force extract)"
+        )
+    input_ids, attention, splice = _ce_windows(cfg, run_dir, manifest, loaded)
+    replacements: dict = {"zero": zero_replacement}
+    keys = {}
+    for method, matched_J, run, directory in models:
+        ens = load_ensemble(directory)
+        for n in range(1, ens.n_members + 1):
+            name = f"{method}|{run}|{n}"
+            replacements[name] = ens.prefix(n).eval()
+            keys[name] = (method, matched_J if matched_J is not None else n, run)
+    losses = spliced_losses(loaded.model, loaded.block, input_ids, attention, splice, {"clean": None, **replacements})
+    clean, zero = losses["clean"].ce, losses["zero"].ce
+    rows = []
+    for name, (method, J, run) in keys.items():
+        sae = losses[name]
+        values = {"ce_loss_recovered": ce_loss_recovered(clean, sae.ce, zero), "kl_divergence": sae.kl,
+                  "ce_loss_sae": sae.ce, "ce_loss_clean": clean, "ce_loss_zero": zero}
+        rows += [{"method": method, "n_members": J, "run": run, "metric": k, "value": v} for k, v in values.items()]
+    n_tokens = int(splice.sum())
+    return rows, f"ce_loss_recovered on {input_ids.shape[0]} {cfg.split} windows ({n_tokens} spliced tokens): CE clean {clean:.4f}, zero-ablated {zero:.4f}"
+
+
 def summarise(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Mean and CI over runs of every (method, n_members, metric)."""
     out = []
@@ -130,8 +190,10 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
     stab_rows, notes = _stability_rows(dictionaries, cfg)
     rows += stab_rows
     result.notes += notes
-    if cfg.ce_loss and manifest.model:
-        result.notes.append("ce_loss_recovered: not computed (CE splicing is not implemented yet)")
+    if cfg.ce_loss:
+        ce_rows, note = _ce_rows(cfg, run_dir, manifest, models)
+        rows += ce_rows
+        result.notes.append(note)
 
     frame = pd.DataFrame(rows)
     dropped = frame[frame["value"].isna()]

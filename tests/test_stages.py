@@ -121,3 +121,32 @@ def test_metric_contract_names_the_broken_rows(tmp_path, trained, run_dir):
 def test_stages_refuse_missing_inputs_clearly(tmp_path):
     with pytest.raises(ContractViolation, match="manifest"):
         run_training(TRAIN, tmp_path, progress=False)
+
+
+def test_encoder_runs_record_that_ce_does_not_apply(trained, run_dir):
+    result = run_evaluation(EvaluateConfig(max_tokens=64), run_dir, progress=False)
+    assert any("not a causal LM" in n for n in result.notes)
+    assert "ce_loss_recovered" not in set(validate(run_dir / "metrics/intrinsic.parquet").metric)
+
+
+def test_decoder_runs_get_ce_loss_recovered_and_kl(tmp_path):
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(f"{t} {TEXTS[(i + 1) % 5]}" for i, t in enumerate(TEXTS * 3)) + "\n")
+    model = build_tiny_model(tmp_path / "llama", "llama")
+    run = tmp_path / "run"
+    run_extraction(ExtractConfig(model=str(model), layer=1, context_length=16, batch_size=8, corpus=[CorpusSource(name=str(corpus))],
+                                 split_fractions={"train": 0.6, "val": 0.1, "test": 0.3}), run, progress=False)
+    train = TrainStageConfig(d_sae=48, k=4, n_members=2, n_runs=1, methods=["bagging", "boosting"], expanded_sizes=[2],
+                             recipe=TrainConfig(n_steps=10, batch_size=32, lr=3e-3))
+    run_training(train, run, progress=False)
+    run_evaluation(EvaluateConfig(ce_max_windows=4), run, progress=False)
+    frame = validate(run / "metrics/intrinsic.parquet")
+    ce = frame[frame.metric == "ce_loss_recovered"]
+    assert set(zip(ce.method, ce.n_members)) == {("bagging", 1), ("bagging", 2), ("boosting", 1), ("boosting", 2)}
+    clean = frame[frame.metric == "ce_loss_clean"].value.unique()
+    zero = frame[frame.metric == "ce_loss_zero"].value.unique()
+    assert len(clean) == 1 and len(zero) == 1  # one clean and one zero-ablated reference for all models
+    for _, row in ce.iterrows():
+        sae = frame[(frame.metric == "ce_loss_sae") & (frame.method == row.method) & (frame.n_members == row.n_members)].value.iloc[0]
+        assert row.value == pytest.approx((zero[0] - sae) / (zero[0] - clean[0]))
+    assert (frame[frame.metric == "kl_divergence"].value >= 0).all()
