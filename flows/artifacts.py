@@ -36,7 +36,7 @@ def _path_line(run_dir: Path, rel: str) -> str:
     return f"- {rel}"
 
 
-def _markdown_table(df: pd.DataFrame, max_rows: int = 40) -> str:
+def _markdown_table(df: pd.DataFrame, max_rows: int = 12) -> str:
     shown = df.head(max_rows)
     cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in shown.itertuples(index=False)]
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]

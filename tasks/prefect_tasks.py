@@ -206,7 +206,7 @@ def outputs_intact(run_dir: str | Path, stage: str) -> tuple[bool, str]:
     run_dir = Path(run_dir).resolve()
     stamp = _stamp(run_dir, stage)
     if not stamp:
-        return False, "no record of a finished run in this directory"
+        return False, "first run in this directory (no stamp of a finished run)"
     hashes = _HashCache(run_dir)
     try:
         for rel, (size, digest) in stamp["files"].items():

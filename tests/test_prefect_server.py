@@ -135,20 +135,21 @@ def test_smoke_pipeline_against_a_server_then_deploy_worker_and_screenshot(serve
     finally:
         _stop(worker, "worker")
 
-    # a screenshot of the evaluate run's artifacts tab
+    # screenshots: the pipeline run (its subflows) and the evaluate summary artifact (tables, figures)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium for the screenshot (apt-get install -y chromium)")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     ui = url.removesuffix("/api")
-    for name, page in [("pipeline-run", f"{ui}/runs/flow-run/{by_name['pipeline-smoke']['id']}"),
-                       ("evaluate-artifacts", f"{ui}/runs/flow-run/{evaluate_run}?tab=Artifacts")]:
+    summary_id = next(a["id"] for a in evaluate_arts if a.get("key") == "smoke-evaluate-summary")
+    for name, page, height in [("pipeline-run", f"{ui}/runs/flow-run/{by_name['pipeline-smoke']['id']}", 1200),
+                               ("evaluate-summary-artifact", f"{ui}/artifacts/artifact/{summary_id}", 3200)]:
         shot = SCREENSHOTS / f"{name}.png"
         shot.unlink(missing_ok=True)
         subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / ('chromium-' + name)}", "--window-size=1400,1600",
+             f"--user-data-dir={tmp_path / ('chromium-' + name)}", f"--window-size=1400,{height}",
              "--virtual-time-budget=20000", "--hide-scrollbars", f"--screenshot={shot}", page],
             capture_output=True, text=True, timeout=180,
         )
