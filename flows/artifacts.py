@@ -7,6 +7,7 @@ cached stage shows its summary in the new flow run too, marked as cached.
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -88,7 +89,7 @@ def publish_stage_artifacts(outcome: StageOutcome, run_dir: Path) -> None:
     )
     for name, df in outcome.result.tables.items():
         records = df.head(MAX_TABLE_ROWS).astype(object).where(df.head(MAX_TABLE_ROWS).notna(), None).to_dict(orient="records")
-        key = f"{slug}-{stage}-{name}".lower().replace("_", "-")
+        key = re.sub(r"[^a-z0-9]+", "-", f"{slug}-{stage}-{name}".lower()).strip("-")
         create_table_artifact(records, key=key, description=f"{stage}: {name} ({len(df)} rows)")
     for fig in outcome.result.figures:
         p = Path(fig) if Path(fig).is_absolute() else run_dir / fig

@@ -192,3 +192,26 @@ def test_smoke_pipeline_end_to_end_then_fully_cached(prefect_harness, tmp_path):
     alone = evaluate_flow(config=cfg.evaluate, run_dir=str(run))
     assert not alone.cached and (run / "metrics" / "summary.parquet").read_bytes() == summary  # deterministic
     assert _status(pipeline_flow(config=cfg, run_dir=str(run))) == ALL_CACHED
+
+
+def test_stamps_notice_deleted_and_edited_outputs_and_fingerprints_follow_content(tmp_path):
+    from tasks.prefect_tasks import outputs_fingerprint, outputs_intact, write_stamp
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "summary.parquet").write_bytes(b"abc")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "intrinsic_mse.png").write_bytes(b"png")
+    (tmp_path / "figures" / "scr_score_vs_n.png").write_bytes(b"not evaluate's")
+    stamp = write_stamp(tmp_path, "evaluate", "evaluate-key", [])
+    assert sorted(stamp["files"]) == ["figures/intrinsic_mse.png", "metrics/summary.parquet"]
+    assert outputs_intact(tmp_path, "evaluate") == (True, "outputs intact")
+    before = outputs_fingerprint(tmp_path, "evaluate")
+
+    (tmp_path / "metrics" / "summary.parquet").write_bytes(b"abd")  # same size, new content
+    assert outputs_intact(tmp_path, "evaluate") == (False, "metrics/summary.parquet was changed")
+    assert outputs_fingerprint(tmp_path, "evaluate") != before
+    (tmp_path / "metrics" / "summary.parquet").write_bytes(b"abc")  # the same bytes again: same fingerprint
+    assert outputs_fingerprint(tmp_path, "evaluate") == before
+    (tmp_path / "figures" / "intrinsic_mse.png").unlink()
+    assert outputs_intact(tmp_path, "evaluate") == (False, "figures/intrinsic_mse.png was deleted")
+    assert outputs_intact(tmp_path, "downstream") == (False, "first run in this directory (no stamp of a finished run)")

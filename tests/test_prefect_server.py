@@ -135,7 +135,8 @@ def test_smoke_pipeline_against_a_server_then_deploy_worker_and_screenshot(serve
     finally:
         _stop(worker, "worker")
 
-    # screenshots: the pipeline run (its subflows) and the evaluate summary artifact (tables, figures)
+    # screenshots: the pipeline run (its subflows), the evaluate summary artifact (tables, figures)
+    # and the pipeline deployment's run form (the pydantic config rendered as a form)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium for the screenshot (apt-get install -y chromium)")
@@ -143,7 +144,8 @@ def test_smoke_pipeline_against_a_server_then_deploy_worker_and_screenshot(serve
     ui = url.removesuffix("/api")
     summary_id = next(a["id"] for a in evaluate_arts if a.get("key") == "smoke-evaluate-summary")
     for name, page, height in [("pipeline-run", f"{ui}/runs/flow-run/{by_name['pipeline-smoke']['id']}", 1200),
-                               ("evaluate-summary-artifact", f"{ui}/artifacts/artifact/{summary_id}", 3200)]:
+                               ("evaluate-summary-artifact", f"{ui}/artifacts/artifact/{summary_id}", 3200),
+                               ("pipeline-run-form", f"{ui}/deployments/deployment/{deployments['pipeline']['id']}/run", 1600)]:
         shot = SCREENSHOTS / f"{name}.png"
         shot.unlink(missing_ok=True)
         subprocess.run(
