@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 
+NEWTON_MAX_FEATURES = 64  # fit_probe: Newton's method up to this many features, lbfgs above
+
+
 class SAELike(Protocol):
     """What probing and SCR need of an SAE: codes and the dictionary."""
 
@@ -185,7 +188,13 @@ def fit_probe(x: np.ndarray | Tensor, y: np.ndarray, *, C: float = 1.0, max_iter
     mean = x.mean(0)
     scale = x.std(0)
     scale = np.where(scale > 1e-12, scale, 1.0)
-    model = LogisticRegression(C=C, max_iter=max_iter)
+    # Both solvers minimise the same objective (L2, unpenalised intercept). On few features
+    # newton-cholesky is ~15x faster (lbfgs spends ~40 ms per fit in scipy overhead); on
+    # hundreds of features (the dense baseline) its k×k Hessian makes it ~20x slower.
+    if x.shape[1] <= NEWTON_MAX_FEATURES:
+        model = LogisticRegression(C=C, max_iter=max_iter, solver="newton-cholesky", tol=1e-8)
+    else:
+        model = LogisticRegression(C=C, max_iter=max_iter)
     model.fit((x - mean) / scale, y)
     return LinearProbe(mean, scale, model.coef_[0].copy(), float(model.intercept_[0]))
 

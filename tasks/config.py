@@ -146,7 +146,7 @@ class DownstreamConfig(_Strict):
     )
     probing_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10], min_length=1, description="Latents per probe (k).")
     max_documents_per_class: int = Field(
-        default=60, gt=0, description="Probing: documents per class in each of train and test (balanced, seeded)."
+        default=40, gt=0, description="Probing: documents per class in each of train and test (balanced, seeded)."
     )
     max_tokens_per_document: int = Field(
         default=64, ge=1, description="Tokens kept per document (its first ones, at most one context window); pooled."
@@ -160,7 +160,7 @@ class DownstreamConfig(_Strict):
     )
     scr_min_cell: int = Field(default=20, gt=0, description="Fewest paragraphs a (topic, gender) cell may hold.")
     scr_max_documents_per_cell: int = Field(
-        default=40, gt=0, description="SCR: cap on the paragraphs per (topic, gender) cell and split."
+        default=30, gt=0, description="SCR: cap on the paragraphs per (topic, gender) cell and split."
     )
     batch_size: int = Field(default=32, gt=0, description="Documents per forward pass of the language model.")
     encode_batch_size: int = Field(default=4096, gt=0, description="Tokens encoded per batch by an SAE.")

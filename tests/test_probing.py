@@ -146,3 +146,16 @@ def test_prefix_pooled_codes_equal_encoding_the_prefix(method):
         slow = pooled_codes(ens.prefix(n), a, index, 8, batch_size=7)
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ens.prefix(n).W_dec, ens.W_dec[: n * k])
+
+
+def test_probe_solver_matches_lbfgs():
+    """fit_probe's newton-cholesky solver minimises the same objective as sklearn's default lbfgs."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(150, 6)) * rng.uniform(0.1, 10, size=6)
+    y = (x @ rng.normal(size=6) + rng.normal(size=150) > 0).astype(int)
+    probe = fit_probe(x, y)
+    ref = LogisticRegression(max_iter=10_000, tol=1e-10).fit((x - probe.mean) / probe.scale, y)
+    np.testing.assert_allclose(probe.coef, ref.coef_[0], rtol=1e-4, atol=1e-5)
+    assert probe.intercept == pytest.approx(float(ref.intercept_[0]), abs=1e-5)
