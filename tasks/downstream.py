@@ -381,14 +381,16 @@ def summarise(frame: pd.DataFrame, x: str, y: str, groups: list[str], confidence
     return pd.DataFrame(rows)
 
 
-def _plot(summary: pd.DataFrame, panel: str, x: str, ylabel: str, path: Path, logx: bool, title: str) -> None:
+def _plot(summary: pd.DataFrame, panel: str, x: str, ylabel: str, path: Path, logx: bool, title: str,
+          ylim: tuple[float, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     panels = sorted(summary[panel].unique())
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.5 * len(panels)), 3.8), squeeze=False)
     for ax, name in zip(axes[0], panels):
         sub = summary[summary[panel] == name]
         for method in sorted(sub["method"].unique(), key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
@@ -396,16 +398,22 @@ def _plot(summary: pd.DataFrame, panel: str, x: str, ylabel: str, path: Path, lo
             j = int(g["n_members"].iloc[0])
             label = "raw activations" if method == "raw" else f"{method} (J={j})"
             style = {"linestyle": "--", "color": "gray"} if method == "raw" else {}
-            ax.plot(g[x], g["mean"], marker="o", ms=3, label=label, **style)
-            ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.2, **({"color": "gray"} if method == "raw" else {}))
+            (line,) = ax.plot(g[x], g["mean"], marker="o", ms=3, label=label, **style)
+            ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.15, color=line.get_color(), linewidth=0)
+        ticks = sorted(sub[x].unique())
         if logx:
             ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_title(str(name))
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -420,12 +428,12 @@ def write_figures(probing: pd.DataFrame, scr: pd.DataFrame, run_dir: Path, confi
         sparse = probing[~((probing["method"] == "raw") & (probing["k"] > max(probing.loc[probing["method"] != "raw", "k"], default=10)))]
         s = summarise(_largest_j(sparse), "k", "accuracy", ["dataset"], confidence)
         _plot(s, "dataset", "k", "test accuracy (mean over classes)", run_dir / PROBING_FIGURE, False,
-              f"Sparse probing, each method at its largest J; {confidence:.0%} CI over runs")
+              f"Sparse probing, each method at its largest J; {confidence:.0%} CI over runs", ylim=(0.0, 1.02))
         written.append(PROBING_FIGURE)
     if len(scr):
         s = summarise(_largest_j(scr), "n_ablated", "score", ["pair"], confidence)
         _plot(s, "pair", "n_ablated", "SCR score S", run_dir / SCR_FIGURE, True,
-              f"Spurious correlation removal, each method at its largest J; {confidence:.0%} CI over runs")
+              f"SCR (SHIFT), each method at its largest J; {confidence:.0%} CI over runs")
         written.append(SCR_FIGURE)
     return written
 
