@@ -120,19 +120,11 @@ def pooled_member_codes(
     return sums / counts[None, :, None]
 
 
-def prefix_alpha(ensemble, n: int) -> Tensor:
-    """Weights of the first-n-member ensemble: 1/n each for bagging, else α[:n]: [n]."""
-    if not 1 <= n <= ensemble.n_members:
-        raise ValueError(f"prefix size must be in 1..{ensemble.n_members}, got {n}")
-    if ensemble.method == "bagging":
-        return torch.full((n,), 1.0 / n)
-    return ensemble.alpha[:n].float()
-
-
 def prefix_pooled_codes(pooled_members: Tensor, alpha: Tensor) -> Tensor:
     """Pooled codes of a prefix ensemble, [α_1 c̄^(1); …; α_n c̄^(n)]: [J, N, k] -> [N, n·k].
 
-    n = len(alpha); equal to ``pooled_codes(ensemble.prefix(n), ...)`` since pooling is
+    alpha = ``ensemble.prefix_alpha(n)`` (the one definition of a prefix's weights);
+    equal to ``pooled_codes(ensemble.prefix(n), ...)`` since pooling is
     linear; its dictionary is ``ensemble.W_dec[: n·k]``.
     """
     n = alpha.shape[0]

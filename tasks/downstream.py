@@ -51,7 +51,6 @@ from sae_core.probing import (
     full_probe_accuracy,
     mean_pool,
     pooled_member_codes,
-    prefix_alpha,
     prefix_pooled_codes,
     sparse_probe_accuracy,
 )
@@ -345,7 +344,7 @@ def evaluate_model(model: TrainedModel, tokens: DocumentTokens, probing, scr, cf
         prefixes = [(ens.n_members, ens.n_members)]
     prows, srows = [], []
     for n, label_j in prefixes:
-        codes = prefix_pooled_codes(members, prefix_alpha(ens, n)).numpy()
+        codes = prefix_pooled_codes(members, ens.prefix_alpha(n)).numpy()
         p, s = evaluate_codes(model.method, label_j, model.run, codes, W_all[: n * k], probing, scr, cfg)
         prows += p
         srows += s

@@ -16,7 +16,6 @@ from sae_core.probing import (
     one_vs_rest_rows,
     pooled_codes,
     pooled_member_codes,
-    prefix_alpha,
     prefix_pooled_codes,
     select_top_latents,
     sparse_probe_accuracy,
@@ -142,7 +141,7 @@ def test_prefix_pooled_codes_equal_encoding_the_prefix(method):
     members = pooled_member_codes(ens, a, index, 8, batch_size=7)
     assert members.shape == (J, 8, k)
     for n in range(1, J + 1):
-        fast = prefix_pooled_codes(members, prefix_alpha(ens, n))
+        fast = prefix_pooled_codes(members, ens.prefix_alpha(n))
         slow = pooled_codes(ens.prefix(n), a, index, 8, batch_size=7)
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ens.prefix(n).W_dec, ens.W_dec[: n * k])
