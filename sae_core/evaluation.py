@@ -49,7 +49,7 @@ def prefix_reconstruction_metrics(
     batches: Iterable[Tensor],
     prefixes: list[int] | None = None,
     *,
-    connectivity_block: int = 2048,
+    connectivity_block: int = 16_384,
 ) -> dict[int, dict[str, float]]:
     """Reconstruction metrics of the first-n-member ensemble for every n in ``prefixes``.
 

@@ -119,6 +119,11 @@ class EvaluateConfig(_Strict):
     max_tokens: int | None = Field(default=None, gt=0, description="Use at most this many tokens of the split.")
     batch_size: int = Field(default=4096, gt=0, description="Tokens encoded per batch.")
     diversity_threshold: float = Field(default=0.7, gt=0, le=1, description="Cosine below which a latent counts as diverse.")
+    bf16_cosines: bool = Field(
+        default=False,
+        description="Stability cosines in bf16 with the best partners recomputed in fp32 (≈4x faster on "
+        "large dictionaries; each value at most ≈4e-3 below the fp32 one).",
+    )
     matched_max_latents: int = Field(
         default=8192, gt=0, description="Largest dictionary for the Hungarian stability_matched (O(m³)); larger: skipped."
     )

@@ -69,7 +69,8 @@ def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]]
             continue
         dicts = [by_run[r] for r in runs]
         randoms = [metrics.random_dictionary_like(W, seed=10_000 + r) for W, r in zip(dicts, runs)]
-        for name, values in (("stability", metrics.stability(dicts)), ("stability_random", metrics.stability(randoms))):
+        stab = metrics.stability(dicts, bf16=cfg.bf16_cosines)
+        for name, values in (("stability", stab), ("stability_random", metrics.stability(randoms, bf16=cfg.bf16_cosines))):
             rows += [{"method": method, "n_members": J, "run": r, "metric": name, "value": v} for r, v in zip(runs, values)]
         m = dicts[0].shape[0]
         if m > cfg.matched_max_latents:

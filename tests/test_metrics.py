@@ -121,7 +121,9 @@ def test_connectivity_by_hand_with_a_dead_latent():
     codes = torch.tensor([[0.5, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     # pairs that co-fire (diagonal included): (0,0) (0,1) (1,0) (1,1) -> 4 of 9
     assert metrics.connectivity(codes) == pytest.approx(5 / 9)
-    assert metrics.connectivity([codes[:1], codes[1:]], block=1, pairs_per_step=1) == pytest.approx(5 / 9)
+    assert metrics.connectivity([codes[:1], codes[1:]]) == pytest.approx(5 / 9)
+    tok, lat, T, m = metrics.active_sets(codes)
+    assert metrics.connectivity_of_prefixes(tok, lat, T, [1, 2, 3], block=1) == pytest.approx([0.0, 0.0, 5 / 9])
 
 
 def test_blockwise_connectivity_equals_dense_h_transpose_h():
@@ -129,8 +131,10 @@ def test_blockwise_connectivity_equals_dense_h_transpose_h():
     codes = torch.rand(300, 90, generator=gen) * (torch.rand(300, 90, generator=gen) < 0.05)
     H = (codes != 0).float()
     dense = 1 - float(((H.T @ H) > 0).sum()) / 90**2
-    for block, step in [(90, 1 << 24), (7, 50), (1, 3)]:
-        assert metrics.connectivity(list(codes.split(64)), block=block, pairs_per_step=step) == pytest.approx(dense)
+    assert metrics.connectivity(list(codes.split(64))) == pytest.approx(dense)
+    tok, lat, T, m = metrics.active_sets(codes)
+    for block in (90, 7, 1):
+        assert metrics.connectivity_of_prefixes(tok, lat, T, [90], block=block) == pytest.approx([dense])
 
 
 def test_connectivity_of_prefixes_equals_connectivity_of_each_prefix():
@@ -138,8 +142,10 @@ def test_connectivity_of_prefixes_equals_connectivity_of_each_prefix():
     codes = torch.rand(200, 60, generator=gen) * (torch.rand(200, 60, generator=gen) < 0.08)
     tok, lat, T, m = metrics.active_sets(list(codes.split(50)))
     sizes = [15, 30, 45, 60]
-    got = metrics.connectivity_of_prefixes(tok, lat, T, sizes, block=7, pairs_per_step=40)
-    assert got == pytest.approx([metrics.connectivity(codes[:, :s]) for s in sizes])
+    got = metrics.connectivity_of_prefixes(tok, lat, T, sizes, block=7)
+    for s, value in zip(sizes, got):
+        H = (codes[:, :s] != 0).float()  # the dense twin: HᵀH of the prefix
+        assert value == pytest.approx(1 - float(((H.T @ H) > 0).sum()) / s**2)
 
 
 def test_mean_ci_by_hand():
@@ -153,3 +159,17 @@ def test_mean_ci_by_hand():
     assert mean_ci([1.0, float("nan"), 3.0])[0] == 2.0
     with pytest.raises(ValueError, match="at least one"):
         mean_ci([])
+
+
+def test_mutual_max_cosines_equal_the_dense_twin_and_bf16_stays_within_rounding():
+    gen = torch.Generator().manual_seed(7)
+    W, V = torch.randn(70, 12, generator=gen), torch.randn(50, 12, generator=gen)
+    C = metrics.unit_rows(W) @ metrics.unit_rows(V).T
+    rows, cols = metrics.mutual_max_cosines(W, V, chunk=16)
+    assert torch.allclose(rows, C.max(1).values, atol=1e-6) and torch.allclose(cols, C.max(0).values, atol=1e-6)
+    rows16, cols16 = metrics.mutual_max_cosines(W, V, chunk=16, bf16=True)
+    # exact cosines of a near-best partner: never above the true max, at most bf16 rounding below
+    assert (rows16 <= C.max(1).values + 1e-6).all() and (C.max(1).values - rows16 < 1e-2).all()
+    assert (cols16 <= C.max(0).values + 1e-6).all() and (C.max(0).values - cols16 < 1e-2).all()
+    runs = [torch.randn(40, 12, generator=gen) for _ in range(3)]
+    assert metrics.stability(runs, bf16=True) == pytest.approx(metrics.stability(runs), abs=1e-2)
