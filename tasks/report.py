@@ -367,6 +367,18 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Do
     else:
         doc.p("**Missing**: no metric summary, so the operating point cannot be stated; run `sae-ensembles evaluate`.")
 
+    doc.h(2, "The paper's claims on this run")
+    if summary is not None:
+        from tasks.claims import check_claims
+
+        claims = check_claims(summary)
+        result.tables["claims"] = claims
+        doc.p("Each claim compares two (method, J) points: **supported** when the ordering holds and the 95% CIs do not "
+              "overlap; L0 beside each point.")
+        doc.table(claims)
+    else:
+        doc.p("**Missing**: needs `metrics/summary.parquet`; run `sae-ensembles evaluate`.")
+
     doc.h(2, "Intrinsic metrics (test split)")
     if summary is not None:
         doc.p(f"Mean over runs with its {cfg.evaluate.confidence:.0%} confidence interval in brackets; L0 of the same method "

@@ -98,7 +98,8 @@ def test_full_report_shows_tables_and_embeds_figures(tmp_path):
     assert "inside" in md and "![scr score](../figures/scr_score.png)" in md
     assert page.count("src='data:image/png;base64,") == 2
     assert not re.search(r"src=['\"](?!data:)", page)  # nothing loaded from outside the file
-    assert set(result.tables) == {"probing", "scr"}
+    assert set(result.tables) == {"claims", "probing", "scr"}
+    assert "| Bagging reconstructs better than a single SAE (MSE) |" in md  # claims checked (mse not in this summary)
     assert {"metrics/summary.parquet", "downstream/probing.parquet", "downstream/scr.parquet"} <= set(result.read)
 
 
