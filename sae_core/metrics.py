@@ -118,34 +118,29 @@ def diversity(W: Tensor, threshold: float = 0.7, chunk: int = 4096) -> tuple[int
     return count, count / m
 
 
-def mutual_max_cosines(W: Tensor, others: Tensor, chunk: int = 4096, bf16: bool = False) -> tuple[Tensor, Tensor]:
+def mutual_max_cosines(W: Tensor, others: Tensor, chunk: int = 1024, bf16: bool = False) -> tuple[Tensor, Tensor]:
     """Each row's max cosine to the other dictionary, both ways, from one pass over the
     n × m cosines (in row blocks of ``chunk``; memory chunk × m): W [n, d], others [m, d]
     -> ([n] for the rows of W, [m] for the rows of others).
 
-    bf16: the block products run in bf16 (about 4× the fp32 matmul rate on CPUs with
-    AVX-512 bf16); the winning partner of every row is then recomputed in fp32, so every
-    returned value is an exact cosine, at most bf16 rounding (≈ 4e-3) below the true max.
+    bf16: the block products and the max reductions run in bf16 (about 4× the fp32 matmul
+    rate on CPUs with AVX-512 bf16, and half the memory traffic); each value is then within
+    bf16 rounding of the fp32 one (|error| < 1e-2, tested; typically ~2e-3).
     """
     U, V = unit_rows(W), unit_rows(others)
-    Vm = V.bfloat16() if bf16 else V
+    if bf16:
+        U, V = U.bfloat16(), V.bfloat16()
     rows = torch.empty(U.shape[0])
-    col_val = torch.full((V.shape[0],), -float("inf"))
-    col_idx = torch.zeros(V.shape[0], dtype=torch.long)
+    cols = torch.full((V.shape[0],), -float("inf"))
     for i in range(0, U.shape[0], chunk):
-        Ui = U[i : i + chunk]
-        block = (Ui.bfloat16() @ Vm.T).float() if bf16 else Ui @ Vm.T
-        rv, ri = block.max(dim=1)
-        rows[i : i + chunk] = (Ui * V[ri]).sum(-1) if bf16 else rv
-        cv, ci = block.max(dim=0)
-        better = cv > col_val
-        col_val = torch.where(better, cv, col_val)
-        col_idx = torch.where(better, ci + i, col_idx)
-    cols = (V * U[col_idx]).sum(-1) if bf16 else col_val
+        block = U[i : i + chunk] @ V.T
+        # amax, not max: the index-returning reductions are ~10x slower along dim 0
+        rows[i : i + chunk] = block.amax(dim=1).float()
+        cols = torch.maximum(cols, block.amax(dim=0).float())
     return rows, cols
 
 
-def stability(dictionaries: list[Tensor], chunk: int = 4096, bf16: bool = False) -> list[float]:
+def stability(dictionaries: list[Tensor], chunk: int = 1024, bf16: bool = False) -> list[float]:
     """Relaxed stability per run s: mean over its latents of max(0, max cosine to any latent
     of any other run) (the paper's ``stability_relaxed``). ``dictionaries``: S ≥ 2 [m_s, d].
 

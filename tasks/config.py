@@ -121,8 +121,8 @@ class EvaluateConfig(_Strict):
     diversity_threshold: float = Field(default=0.7, gt=0, le=1, description="Cosine below which a latent counts as diverse.")
     bf16_cosines: bool = Field(
         default=False,
-        description="Stability cosines in bf16 with the best partners recomputed in fp32 (≈4x faster on "
-        "large dictionaries; each value at most ≈4e-3 below the fp32 one).",
+        description="Stability cosines in bf16 (≈4x faster on large dictionaries; each max cosine "
+        "within bf16 rounding, < 1e-2, of the fp32 one).",
     )
     matched_max_latents: int = Field(
         default=8192, gt=0, description="Largest dictionary for the Hungarian stability_matched (O(m³)); larger: skipped."
