@@ -52,3 +52,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py --json runs/bench/training.json
 	$(PY) benchmarks/bench_bagging.py --json runs/bench/bagging.json
 	$(PY) benchmarks/bench_extraction.py --json runs/bench/extraction.json
+	$(PY) benchmarks/bench_metrics.py --json runs/bench/metrics.json
