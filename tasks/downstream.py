@@ -55,6 +55,7 @@ from sae_core.probing import (
     sparse_probe_accuracy,
 )
 from sae_core.scr import SCRData, SCRProbes, fit_scr_probes, shift_curve
+from sae_core.stats import mean_ci
 from tasks.common import ACTIVATIONS_DIR, DOWNSTREAM_DIR, FIGURES_DIR, MODELS_DIR, StageResult
 from tasks.config import DownstreamConfig
 from tasks.labelled import bbc_paragraphs, pair_name, probing_set, scr_set
@@ -353,14 +354,9 @@ def evaluate_model(model: TrainedModel, tokens: DocumentTokens, probing, scr, cf
 
 # -------------------------------------------------------------------------- figures
 def _mean_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    """Mean and half-width of the t-interval over runs (0 for a single run)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float(values.mean()), 0.0
-    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean()), float(half)
+    """Mean and half-width of the t-interval over runs (sae_core.stats.mean_ci; 0 for a single run)."""
+    mean, lo, hi = mean_ci(values, confidence)
+    return mean, 0.0 if lo is None or hi is None else (hi - lo) / 2
 
 
 def _largest_j(frame: pd.DataFrame) -> pd.DataFrame:

@@ -75,9 +75,9 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "extract": ("tasks/extract.py", "tasks/sources.py"),
     "train": ("tasks/train.py",),
-    "evaluate": ("tasks/evaluate.py",),
-    "downstream": ("tasks/downstream.py",),
-    "report": ("tasks/report.py",),
+    "evaluate": ("tasks/evaluate.py", "tasks/figures.py"),
+    "downstream": ("tasks/downstream.py", "tasks/labelled.py"),
+    "report": ("tasks/report.py", "tasks/claims.py"),
 }
 _ROOT = Path(__file__).resolve().parent.parent
 

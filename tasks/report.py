@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sae_core.stats import mean_ci
 from tasks.common import ACTIVATIONS_DIR, DOWNSTREAM_DIR, FIGURES_DIR, METRICS_DIR, MODELS_DIR, REPORT_DIR, StageResult
 from tasks.config import PipelineConfig
 
@@ -214,15 +215,9 @@ def operating_point(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 
 def _mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and t-interval over runs (a single run gives a zero-width interval)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    m = float(values.mean())
-    if len(values) < 2:
-        return m, m, m
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return m, m - half, m + half
+    """Mean and t-interval over runs (sae_core.stats.mean_ci; a single run gives a zero-width interval)."""
+    mean, lo, hi = mean_ci(values, confidence)
+    return (mean, mean, mean) if lo is None or hi is None else (mean, lo, hi)
 
 
 def probing_table(probing: pd.DataFrame, confidence: float) -> pd.DataFrame:
