@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 # run-directory layout (SPEC §8): each stage reads only what earlier stages wrote
 ACTIVATIONS_DIR = "activations"           # extract: split=<s>/shard-*.parquet + manifest.json
@@ -26,6 +27,18 @@ def model_dir(run_dir: Path, method: str, run: int, n_members: int | None = None
     """Where run ``run`` of ``method`` is saved; expanded SAEs also carry their J."""
     name = method if n_members is None else f"{method}_J{n_members}"
     return Path(run_dir) / MODELS_DIR / name / f"run={run}"
+
+
+def split_tokens(directory: Path, split: str, max_tokens: int | None, seed: int) -> torch.Tensor:
+    """One split's activations [N, d] (the caller validated the directory); a seeded subset
+    of ``max_tokens`` rows, kept in file order, if the split is larger."""
+    from data_contracts.activations import load_split
+
+    acts = torch.from_numpy(load_split(directory, split, validate=False))
+    if max_tokens is not None and acts.shape[0] > max_tokens:
+        keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
+        acts = acts[keep.sort().values]
+    return acts
 
 
 @dataclass

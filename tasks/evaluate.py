@@ -22,13 +22,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from data_contracts.activations import load_split, validate_activations
+from data_contracts.activations import validate_activations
 from data_contracts.metrics import write_intrinsic, write_summary
 from sae_core import metrics
 from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metrics
 from sae_core.io import load_ensemble
 from sae_core.stats import mean_ci
-from tasks.common import ACTIVATIONS_DIR, FIGURES_DIR, METRICS_DIR, MODELS_DIR, StageResult
+from tasks.common import ACTIVATIONS_DIR, FIGURES_DIR, METRICS_DIR, MODELS_DIR, StageResult, split_tokens
 from tasks.config import EvaluateConfig
 
 INTRINSIC_FILE = "intrinsic.parquet"
@@ -49,15 +49,6 @@ def discover_models(run_dir: Path) -> list[tuple[str, int | None, int, Path]]:
     if not found:
         raise FileNotFoundError(f"no trained models under {run_dir / MODELS_DIR}; run the train stage first")
     return found
-
-
-def evaluation_tokens(directory: Path, split: str, max_tokens: int | None) -> torch.Tensor:
-    """The split [T, d] (the caller validated it); a seeded subset of ``max_tokens`` rows if asked."""
-    acts = torch.from_numpy(load_split(directory, split, validate=False))
-    if max_tokens is not None and acts.shape[0] > max_tokens:
-        keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(1))[:max_tokens]
-        acts = acts[keep.sort().values]
-    return acts
 
 
 def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], cfg: EvaluateConfig) -> tuple[list[dict], list[str]]:
@@ -162,7 +153,7 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
     run_dir = Path(run_dir)
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=(cfg.split,))
-    acts = evaluation_tokens(acts_dir, cfg.split, cfg.max_tokens)
+    acts = split_tokens(acts_dir, cfg.split, cfg.max_tokens, seed=1)
     models = discover_models(run_dir)
     result = StageResult(stage="evaluate", read=[f"{ACTIVATIONS_DIR} ({cfg.split} split, {acts.shape[0]} tokens)"])
     result.validated.append(f"{ACTIVATIONS_DIR} ({cfg.split} split)")

@@ -25,12 +25,12 @@ from typing import Callable
 
 import torch
 
-from data_contracts.activations import load_split, validate_activations
+from data_contracts.activations import validate_activations
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.ensemble import Ensemble
 from sae_core.io import ENSEMBLE_FILE, load_ensemble, save_ensemble
 from sae_core.training.ensembles import default_seeds, train_bagging, train_boosting, train_expanded, train_single
-from tasks.common import ACTIVATIONS_DIR, StageResult, model_dir
+from tasks.common import ACTIVATIONS_DIR, StageResult, model_dir, split_tokens
 from tasks.config import TrainStageConfig
 
 ProgressCallback = Callable[[float, str], None]
@@ -41,15 +41,6 @@ def member_config(cfg: TrainStageConfig, d_in: int) -> SAEConfig:
     """The SAEConfig of one member, for activations of width d_in."""
     k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
     return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, k=k)
-
-
-def training_tokens(directory: Path, max_tokens: int | None) -> torch.Tensor:
-    """The train split [N, d] (the caller validated it); a seeded subset of ``max_tokens`` rows if asked."""
-    acts = torch.from_numpy(load_split(directory, "train", validate=False))
-    if max_tokens is not None and acts.shape[0] > max_tokens:
-        keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(0))[:max_tokens]
-        acts = acts[keep.sort().values]
-    return acts
 
 
 def _fingerprint(job: dict, data_fingerprint: str) -> str:
@@ -108,7 +99,7 @@ def run_training(
     run_dir = Path(run_dir)
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=("train",))
-    acts = training_tokens(acts_dir, cfg.max_train_tokens)
+    acts = split_tokens(acts_dir, "train", cfg.max_train_tokens, seed=0)
     sae_cfg = member_config(cfg, manifest.d)
     data_fp = f"{manifest.config_fingerprint}:{cfg.max_train_tokens}"
     recipe_dump = cfg.recipe.model_dump(exclude={"seed", "checkpoint_every", "log_every"})
