@@ -66,6 +66,14 @@ def write_parquet_atomic(
     return digest
 
 
+def read_parquet(path: Path) -> pa.Table:
+    """The Parquet table at ``path``; an unreadable file is a ContractViolation naming it."""
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ContractViolation(path, [Failure("readable Parquet", f"cannot be read ({err})")]) from err
+
+
 _CONTEXT = None
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from data_contracts.core import ContractViolation, Failure, run_suite, write_parquet_atomic
+from data_contracts.core import read_parquet, ContractViolation, Failure, run_suite, write_parquet_atomic
 
 ARTIFACT = "documents"
 SPLITS = ("train", "val", "test")
@@ -60,9 +59,6 @@ def write_documents(frame: pd.DataFrame, path: Path, min_classes: int = 1) -> st
 
 def read_documents(path: str | Path, min_classes: int = 1) -> pd.DataFrame:
     path = Path(path)
-    try:
-        frame = pq.read_table(path).to_pandas()
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ContractViolation(path, [Failure("readable Parquet", f"cannot be read ({err})")]) from err
+    frame = read_parquet(path).to_pandas()
     validate_documents_frame(frame, path, min_classes)
     return frame

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure, run_suite, write_parquet_atomic
+from data_contracts.core import read_parquet, ARTIFACT_KEY, ContractViolation, Failure, run_suite, write_parquet_atomic
 
 PROBING_SPLITS = ("train", "test")
 SCR_SPLITS = ("train_biased", "train_balanced", "test")
@@ -178,10 +178,7 @@ def write_table(frame: pd.DataFrame, path: Path, kind: str, metadata: dict[str, 
 def read_table(path: str | Path, kind: str | None = None) -> pd.DataFrame:
     """Read and validate a downstream table; ``kind`` defaults to the one in its footer."""
     path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ContractViolation(path, [Failure("readable Parquet", f"cannot be read ({err})")]) from err
+    table = read_parquet(path)
     stored = (table.schema.metadata or {}).get(ARTIFACT_KEY, b"").decode()
     kind = kind or stored
     if stored != kind:

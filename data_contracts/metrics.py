@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from data_contracts.core import ContractViolation, Failure, run_suite, write_parquet_atomic
+from data_contracts.core import read_parquet, ContractViolation, Failure, run_suite, write_parquet_atomic
 
 INTRINSIC = "intrinsic_metrics"
 SUMMARY = "metric_summary"
@@ -145,10 +144,7 @@ def write_summary(frame: pd.DataFrame, path: Path) -> str:
 
 def _read(path: str | Path, schema: pa.Schema) -> pd.DataFrame:
     path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ContractViolation(path, [Failure("readable Parquet", f"cannot be read ({err})")]) from err
+    table = read_parquet(path)
     wrong = [f"{f.name}: {table.schema.field(f.name).type} (expected {f.type})" for f in schema if f.name in table.schema.names and table.schema.field(f.name).type != f.type]
     if wrong:
         raise ContractViolation(path, [Failure("schema types", "; ".join(wrong))])
