@@ -95,6 +95,11 @@ class TrainConfig(_Strict):
     )
     seed: int = Field(default=0, description="Seed of initialisation and batch order.")
     autocast_bf16: bool = Field(default=False, description="Run matmuls in bf16 autocast (weights stay fp32).")
+    fast_paths: bool = Field(
+        default=True,
+        description="Use the sparse / hand-written training kernels (TopK: sparse encoder backward and "
+        "decoder; ReLU: one fused step). False runs the plain dense autograd step they are tested against.",
+    )
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
         default="geometric_median", description="Initial decoder bias from a data sample."
     )

@@ -33,6 +33,7 @@ class LossContext:
     p_next: float | None = None  # next exponent, to record L_p^p norms for the lambda update
     dead_mask: Tensor | None = None  # [J, k] bool, latents currently counted as dead
     update_statistics: bool = True  # let the loss update running buffers (BatchTopK threshold)
+    log_statistics: bool = True  # the step is logged: a loss may skip exact per-step statistics (L0) otherwise
 
 
 @dataclass
@@ -47,7 +48,7 @@ class LossOutput:
     terms: dict[str, Tensor]  # name -> [J] unweighted per-member batch means (detached)
     reconstruction: Tensor  # [J, B, d]
     fired: Tensor  # [J, k] bool: latents active on at least one token of the batch
-    l0: Tensor  # [J] mean number of active latents per token
+    l0: Tensor  # [J] mean number of active latents per token (NaN where ctx.log_statistics was False)
     stats: dict[str, Tensor] = field(default_factory=dict)  # [J] extra statistics
 
     @property

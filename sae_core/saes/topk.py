@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae_core.registry import register_architecture
 from sae_core.saes.base import SAE, LossContext, LossOutput, squared_error
+from sae_core.saes.sparse import selected_pre_activations, sparse_decode
 
 
 def topk_codes(pre: Tensor, k: int) -> Tensor:
@@ -16,24 +16,11 @@ def topk_codes(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """Σ_i v_i f_{idx_i} + b_dec from only the active latents: [J, B, m] values/indices -> [J, B, d].
-
-    The fast twin of ``decode_members(scatter(values))``: one ``embedding_bag`` over the
-    member-offset rows of W_dec reads m rows per token instead of multiplying a dense
-    [B, k] code matrix, in the forward pass and in both backward products (the
-    gradient of W_dec is accumulated only into the rows that were used).
-    """
-    J, k, d = W_dec.shape
-    B, m = values.shape[1], values.shape[2]
-    offsets = (torch.arange(J, device=indices.device) * k)[:, None, None]
-    out = F.embedding_bag(
-        (indices + offsets).reshape(J * B, m),
-        W_dec.reshape(J * k, d),
-        per_sample_weights=values.reshape(J * B, m).to(W_dec.dtype),
-        mode="sum",
-    )
-    return out.view(J, B, d) + b_dec[:, None, :]
+def _auxk_scale(residual: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """(min(n_dead / k_aux, 1), mean_t ||e - mean(e)||²) per member: [J], [J]."""
+    centered = residual.float() - residual.float().mean(1, keepdim=True)
+    denom = centered.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
+    return (dead_mask.sum(-1).float() / k_aux).clamp(max=1.0), denom
 
 
 def auxk_loss(sae: SAE, pre: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int) -> Tensor:
@@ -43,6 +30,7 @@ def auxk_loss(sae: SAE, pre: Tensor, residual: Tensor, dead_mask: Tensor | None,
     Per member: min(n_dead / aux_k, 1) · mean_t ||e - ê||² / mean_t ||e - mean(e)||²,
     with ê = z_aux W_dec (no bias). Normalising by the residual's variance (as OpenAI's
     reference does) makes the coefficient independent of the activation scale.
+    This is the dense reference; :func:`sparse_auxk_loss` is its fast twin.
     """
     J = pre.shape[0]
     if dead_mask is None or not bool(dead_mask.any()):
@@ -53,9 +41,31 @@ def auxk_loss(sae: SAE, pre: Tensor, residual: Tensor, dead_mask: Tensor | None,
     aux_codes = torch.zeros_like(pre).scatter(-1, indices, values)
     e_hat = torch.bmm(aux_codes, sae.W_dec)
     err = squared_error(residual, e_hat)
-    centered = residual.float() - residual.float().mean(1, keepdim=True)
-    denom = centered.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
-    scale = (dead_mask.sum(-1).float() / k_aux).clamp(max=1.0)
+    scale, denom = _auxk_scale(residual, dead_mask, k_aux)
+    return scale * err / denom
+
+
+def sparse_auxk_loss(sae: SAE, pre: Tensor, a: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int) -> Tensor:
+    """:func:`auxk_loss` touching only the ``aux_k`` selected dead latents per token.
+
+    ``pre`` is the dense pre-activation computed without a graph; the gradient reaches
+    W_enc, b_enc, b_dec through :func:`selected_pre_activations` and W_dec through
+    :func:`sparse_decode`. Latents that are not dead (picked only when fewer than aux_k
+    are dead) get the value 0, as in the dense version.
+    """
+    J = pre.shape[0]
+    if dead_mask is None or not bool(dead_mask.any()):
+        return torch.zeros(J, device=pre.device)
+    k_aux = min(aux_k, pre.shape[-1])
+    with torch.no_grad():
+        masked = torch.relu(pre) * dead_mask[:, None, :].to(pre.dtype)
+        indices = masked.topk(k_aux, dim=-1, sorted=False).indices
+        is_dead = dead_mask[:, None, :].expand(-1, pre.shape[1], -1).gather(-1, indices)
+    selected = selected_pre_activations(pre, indices, a, sae.W_enc, sae.b_enc, sae.b_dec, sae.cfg.apply_b_dec_to_input)
+    values = torch.relu(selected) * is_dead.to(selected.dtype)
+    e_hat = sparse_decode(values, indices, sae.W_dec, torch.zeros_like(sae.b_dec))
+    err = squared_error(residual, e_hat)
+    scale, denom = _auxk_scale(residual, dead_mask, k_aux)
     return scale * err / denom
 
 
@@ -71,15 +81,33 @@ class TopKSAE(SAE):
         return topk_codes(pre, self.cfg.k)
 
     def training_loss(self, a: Tensor, ctx: LossContext) -> LossOutput:
-        """Trains on the k active latents only (:func:`sparse_decode`); dense codes are never built."""
+        """Sparse step (``train_cfg.fast_paths``): dense work only for the encoder product and topk.
+
+        The dense pre-activations are computed without a graph; the k selected entries
+        per token carry the gradient (:func:`selected_pre_activations`) and are decoded
+        from k decoder rows (:func:`sparse_decode`). With ``fast_paths=False`` the plain
+        dense autograd step runs instead (same loss and gradients, tested).
+        """
         assert self.cfg.k is not None
-        pre = self.pre_activation(a)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        values = torch.relu(values)
-        recon = sparse_decode(values, indices, self.W_dec, self.b_dec)
-        mse = squared_error(a, recon)
         aux_k = ctx.train_cfg.aux_k or max(self.cfg.d_in // 2, 1)
-        aux = auxk_loss(self, pre, (a - recon).detach(), ctx.dead_mask, aux_k)
+        if ctx.train_cfg.fast_paths:
+            with torch.no_grad():
+                # the bias is added in place, in the product's dtype: under bf16 autocast an
+                # out-of-place add would promote the whole [J, B, k] tensor to fp32
+                pre = torch.bmm(self.centered_input(a), self.W_enc)
+                pre += self.b_enc.to(pre.dtype)[:, None, :]
+                indices = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+            selected = selected_pre_activations(pre, indices, a, self.W_enc, self.b_enc, self.b_dec, self.cfg.apply_b_dec_to_input)
+            values = torch.relu(selected)
+            recon = sparse_decode(values, indices, self.W_dec, self.b_dec)
+            aux = sparse_auxk_loss(self, pre, a, (a - recon).detach(), ctx.dead_mask, aux_k)
+        else:
+            pre = self.pre_activation(a)
+            topk = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            indices, values = topk.indices, torch.relu(topk.values)
+            recon = self.decode_members(torch.zeros_like(pre).scatter(-1, indices, values))
+            aux = auxk_loss(self, pre, (a - recon).detach(), ctx.dead_mask, aux_k)
+        mse = squared_error(a, recon)
         per_member = mse + ctx.train_cfg.aux_coefficient * aux
         with torch.no_grad():
             positive = (values > 0).reshape(values.shape[0], -1)

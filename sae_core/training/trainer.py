@@ -271,6 +271,7 @@ def train_sae(
             p=annealer.p if annealer is not None else 1.0,
             p_next=annealer.p_next if annealer is not None else None,
             dead_mask=tokens_since_fired >= dead_threshold,
+            log_statistics=(step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.n_steps,
         )
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.autocast_bf16):
             out = sae.training_loss(x, ctx)
