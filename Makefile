@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run ui-check test bench clean
+.PHONY: install run ui-check test bench bench-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,10 +46,26 @@ test: $(STAMP)
 	$(PY) -m pytest $(if $(SLOW),-m "slow or not slow",) $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) runs .pytest_cache
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_training.py --json runs/bench/training.json
 	$(PY) benchmarks/bench_bagging.py --json runs/bench/bagging.json
 	$(PY) benchmarks/bench_extraction.py --json runs/bench/extraction.json
 	$(PY) benchmarks/bench_metrics.py --json runs/bench/metrics.json
+
+# SAELens and dictionary_learning in their own environment, timed against ours on the same
+# real activations in one process (benchmarks/bench_peers.py). torch stays at 2.13.0 CPU;
+# dictionary-learning goes in without its dependencies (they pull a CUDA torchvision that
+# breaks imports next to the CPU torch), plus the two it imports (nnsight, einops).
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP):
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet torch==2.13.0+cpu sae-lens==6.54.12 nnsight einops 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(PEERS_VENV)/bin/pip install --quiet --no-deps dictionary-learning==0.1.0 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	@test -f runs/bench/activations.safetensors || $(PY) benchmarks/bench_peers.py dump
+	$(PEERS_VENV)/bin/python -W ignore benchmarks/bench_peers.py run --json runs/bench/peers.json
