@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,28 +163,39 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"extract {cfg.model} layer {cfg.layer}")
-    shards: list[ShardInfo] = []
-    written, reused, extracted = [], [], 0
-    try:
-        for split in SPLITS:
-            for index, rows in enumerate(plan[split]):
-                rel = shard_path(split, index)
-                if (out / rel).is_file():
-                    shards.append(_existing_shard_info(out, rel, split))
-                    reused.append(rel)
-                    continue
-                doc_ids = docs["doc_id"].to_numpy()[rows]
-                batch = _extract_shard(loaded, doc_ids, [token_ids[r] for r in rows], cfg, bar)
-                info = write_shard(
-                    out, split, index, doc_ids[batch.doc_index], batch.position, batch.token_id, batch.activation,
-                    fingerprint, validate=(loaded.vocab_size, cfg.max_norm),
-                )
-                shards.append(info)
-                written.append(rel)
-                extracted += info.rows
-    finally:
-        if bar is not None:
-            bar.close()
+    # Each finished shard is validated and written by one background thread while the
+    # model runs the next shard's batches (the write releases the GIL in Arrow); at most
+    # one write is pending, so memory holds two shards at most. A failed write surfaces
+    # at the next wait and stops the stage; every shard that was written is complete.
+    slots: list[ShardInfo | Future] = []
+    written, reused = [], []
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        try:
+            for split in SPLITS:
+                for index, rows in enumerate(plan[split]):
+                    rel = shard_path(split, index)
+                    if (out / rel).is_file():
+                        slots.append(_existing_shard_info(out, rel, split))
+                        reused.append(rel)
+                        continue
+                    doc_ids = docs["doc_id"].to_numpy()[rows]
+                    batch = _extract_shard(loaded, doc_ids, [token_ids[r] for r in rows], cfg, bar)
+                    if pending is not None:
+                        pending.result()  # re-raises a failed write before more work is queued
+                    pending = writer.submit(
+                        write_shard, out, split, index, doc_ids[batch.doc_index], batch.position, batch.token_id,
+                        batch.activation, fingerprint, validate=(loaded.vocab_size, cfg.max_norm),
+                    )
+                    slots.append(pending)
+                    written.append(rel)
+            if pending is not None:
+                pending.result()
+        finally:
+            if bar is not None:
+                bar.close()
+    shards = [slot.result() if isinstance(slot, Future) else slot for slot in slots]
+    extracted = sum(info.rows for info in shards if info.file in written)
 
     tokens = {s: sum(i.rows for i in shards if i.split == s) for s in SPLITS}
     documents = {s: sum(i.documents for i in shards if i.split == s) for s in SPLITS}
