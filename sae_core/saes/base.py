@@ -182,8 +182,11 @@ class SAE(nn.Module):
     def pre_activation(self, a: Tensor) -> Tensor:
         """W_enc^T (a - b_dec) + b_enc: [J, B, d] -> [J, B, k]."""
         b_enc = getattr(self, self.encoder_bias_name)
-        # bmm + add, not baddbmm: baddbmm's backward with a broadcast bias is ~4x slower on CPU
-        return torch.bmm(self.centered_input(a), self.W_enc) + b_enc[:, None, :]
+        # bmm + add, not baddbmm: baddbmm's backward with a broadcast bias is ~4x slower on CPU.
+        # The bias is cast to the product's dtype: under bf16 autocast an fp32 bias would
+        # promote the whole [J, B, k] result (and every later pass over it) to fp32.
+        xw = torch.bmm(self.centered_input(a), self.W_enc)
+        return xw + b_enc.to(xw.dtype)[:, None, :]
 
     def activation(self, pre: Tensor) -> Tensor:
         """Inference nonlinearity h: [J, B, k] -> [J, B, k]."""

@@ -38,8 +38,9 @@ class GatedSAE(SAE):
     def gate_and_magnitude(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """(π_gate, π_mag), both [J, B, k], from one shared matmul."""
         xw = torch.bmm(self.centered_input(a), self.W_enc)
-        pi_gate = xw + self.b_gate[:, None, :]
-        pi_mag = xw * torch.exp(self.r_mag)[:, None, :] + self.b_mag[:, None, :]
+        dt = xw.dtype  # keep bf16 under autocast (see SAE.pre_activation)
+        pi_gate = xw + self.b_gate.to(dt)[:, None, :]
+        pi_mag = xw * torch.exp(self.r_mag).to(dt)[:, None, :] + self.b_mag.to(dt)[:, None, :]
         return pi_gate, pi_mag
 
     def pre_activation(self, a: Tensor) -> Tensor:
