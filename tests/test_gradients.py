@@ -150,10 +150,15 @@ def test_per_member_clipping_equals_torch_clip_grad_norm_for_each_member():
             assert torch.allclose(p.grad[j], s.grad, rtol=1e-6, atol=1e-8)
 
 
-def _topk_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: bool = False, dead_fraction: float = 0.3):
-    """Loss output and every gradient (parameters and input) of one TopK step, fast or reference."""
+def _topk_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: bool = False, dead_fraction: float = 0.3,
+                           sparse_max_fraction: float = 1.0):
+    """Loss output and every gradient (parameters and input) of one TopK step, fast or reference.
+
+    k = 5 and aux_k = 6 of 40 latents: sparse_max_fraction 1.0 runs both sparse kernels,
+    0.13 the sparse main step with the dense AuxK."""
     cfg = SAEConfig(architecture="topk", d_in=12, d_sae=40, k=5, apply_b_dec_to_input=apply_b_dec_to_input)
     sae = build_sae(cfg, n_members=3)
+    sae.sparse_max_fraction = sparse_max_fraction
     sae.initialize([torch.Generator().manual_seed(s) for s in range(3)])
     with torch.no_grad():
         sae.b_dec.normal_(generator=torch.Generator().manual_seed(7))
@@ -169,14 +174,16 @@ def _topk_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: 
     return out, grads
 
 
+@pytest.mark.parametrize("sparse_max_fraction", [1.0, 0.13])
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.05, 0.3])
-def test_sparse_topk_training_step_equals_the_dense_autograd_step(apply_b_dec_to_input, dead_fraction):
+def test_sparse_topk_training_step_equals_the_dense_autograd_step(apply_b_dec_to_input, dead_fraction, sparse_max_fraction):
     """The sparse TopK kernels (selected_pre_activations, sparse_decode, sparse AuxK) against
     the dense autograd step: same losses, reconstruction, activity and every gradient (fp32,
     rtol 1e-4). dead_fraction 0.05 leaves fewer dead latents (2) than aux_k (6), so AuxK
     also picks live latents, which must contribute nothing."""
-    fast, fast_grads = _topk_losses_and_grads(True, apply_b_dec_to_input, dead_fraction=dead_fraction)
+    fast, fast_grads = _topk_losses_and_grads(True, apply_b_dec_to_input, dead_fraction=dead_fraction,
+                                              sparse_max_fraction=sparse_max_fraction)
     slow, slow_grads = _topk_losses_and_grads(False, apply_b_dec_to_input, dead_fraction=dead_fraction)
     assert torch.allclose(fast.per_member, slow.per_member, rtol=1e-5, atol=1e-6)
     assert torch.allclose(fast.terms["auxk"], slow.terms["auxk"], rtol=1e-5, atol=1e-7)
