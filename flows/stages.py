@@ -2,6 +2,9 @@
 
 Every stage flow does the same thing (:func:`run_stage_flow`):
 
+0. take the run directory's lock (:mod:`flows.rundir`): a second run into the same
+   directory fails at once instead of interleaving its writes with this one's; stale
+   temporaries of a killed run are swept;
 1. refuse to start when an input artifact is missing, naming the stage that makes it;
 2. with ``force``, delete the stage's earlier outputs;
 3. compute the cache key (config section + code version + input fingerprints) and check
@@ -21,6 +24,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.artifacts import publish_stage_artifacts
+from flows.rundir import run_directory_lock
 from tasks.config import DownstreamConfig, EvaluateConfig, ExtractConfig, PipelineConfig, TrainStageConfig
 from tasks.prefect_tasks import (
     STAGES,
@@ -59,7 +63,6 @@ def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path | None, f
     config_file (a YAML config, relative to the working directory) replaces ``section`` with
     that file's section, and its name gives the default run_dir, runs/<name>/.
     """
-    logger = get_run_logger()
     if config_file:
         from flows.configs import load_pipeline_config
 
@@ -68,7 +71,14 @@ def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path | None, f
         run_dir = run_dir or default_run_dir(full)
     run_dir = run_dir or "runs/default"
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_directory_lock(run_dir) as swept:
+        if swept:
+            get_run_logger().info("removed %d stale temporaries of an interrupted run: %s", len(swept), ", ".join(swept[:5]))
+        return _run_stage_locked(stage, section, run_dir, force)
+
+
+def _run_stage_locked(stage: str, section: BaseModel, run_dir: Path, force: bool) -> StageOutcome:
+    logger = get_run_logger()
     missing = missing_inputs(run_dir, stage)
     if missing:
         rel, maker = missing[0]
@@ -162,9 +172,12 @@ def pipeline_flow(
     run_dir = run_dir or default_run_dir(config)
     first_forced = STAGES.index(force) if force else len(STAGES)
     outcomes: dict[str, StageOutcome] = {}
-    for i, stage in enumerate(STAGES):
-        sub = STAGE_FLOWS[stage].with_options(flow_run_name=f"{stage}-{config.name}")
-        outcomes[stage] = sub(config=stage_section(config, stage), run_dir=run_dir, force=i >= first_forced)
+    with run_directory_lock(run_dir) as swept:  # held across the stages: no other run slips in between them
+        if swept:
+            get_run_logger().info("removed %d stale temporaries of an interrupted run: %s", len(swept), ", ".join(swept[:5]))
+        for i, stage in enumerate(STAGES):
+            sub = STAGE_FLOWS[stage].with_options(flow_run_name=f"{stage}-{config.name}")
+            outcomes[stage] = sub(config=stage_section(config, stage), run_dir=run_dir, force=i >= first_forced)
     report = Path(run_dir).resolve() / "report" / "report.html"
     get_run_logger().info("report: %s", report)
     return outcomes
