@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_contracts.core import ContractViolation, Failure, file_sha256, run_suite, write_parquet_atomic
 
@@ -41,6 +41,17 @@ class ShardInfo(BaseModel):
     rows: int = Field(ge=0)
     documents: int = Field(ge=0)
     sha256: str
+
+    @field_validator("file")
+    @classmethod
+    def _inside_directory(cls, value: str) -> str:
+        """A shard lives in the activation directory: split=<s>/<name>.parquet, nothing else."""
+        parts = value.split("/")
+        if len(parts) != 2 or not parts[0].startswith("split=") or not parts[1].endswith(".parquet") or any(
+            p in ("", ".", "..") or "\\" in p for p in parts
+        ):
+            raise ValueError(f"shard file {value!r} is not of the form split=<split>/<name>.parquet inside the activation directory")
+        return value
 
 
 class ActivationManifest(BaseModel):
@@ -148,7 +159,10 @@ def read_manifest(directory: Path) -> ActivationManifest:
         raise ContractViolation(directory, [Failure("manifest exists", f"no {MANIFEST} in {directory}: run extraction first")])
     try:
         return ActivationManifest(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError, TypeError) as err:
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
+        raise ContractViolation(path, [Failure("manifest is valid", problems)]) from err
+    except (json.JSONDecodeError, TypeError) as err:
         raise ContractViolation(path, [Failure("manifest is valid", str(err).splitlines()[0])]) from err
 
 

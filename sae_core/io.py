@@ -176,6 +176,10 @@ def load_ensemble(directory: str | Path) -> "Ensemble":
         raise ValueError(f"{path} is not a valid ensemble description ({err!r}); it needs method, alpha and members") from err
     if len(names) != len(alpha):
         raise ValueError(f"{path} lists {len(names)} members but {len(alpha)} weights alpha")
+    # members are subdirectories of the ensemble: a name may not lead elsewhere ('../x', '/abs')
+    escaping = [n for n in names if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n]
+    if escaping:
+        raise ValueError(f"{path} lists member names {escaping} that are not plain subdirectory names of {directory}")
     missing = [n for n in names if not (directory / n).is_dir()]
     if missing:
         raise FileNotFoundError(

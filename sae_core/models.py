@@ -146,6 +146,22 @@ def _resolve_source(name: str) -> tuple[str | Path, str | None]:
     return name, None
 
 
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+def require_safetensors(directory: Path, name: str) -> None:
+    """Refuse a local model directory whose weights are not in safetensors files."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f"it has only {', '.join(pickled)}" if pickled else "it has no weight files at all"
+    raise ValueError(
+        f"model {name!r} ({directory}) has no *.safetensors weights: {found}. Pickle checkpoints are refused "
+        "because unpickling can run code; re-save the model in safetensors format (save_pretrained writes "
+        "model.safetensors) from an environment you trust."
+    )
+
+
 def _find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if not candidates:
@@ -181,6 +197,11 @@ def load_model(
     ``causal_lm``: load the whole model with its LM head instead (for splicing an SAE
     into the forward pass and measuring next-token loss); it must be a causal LM.
     Errors say what was wrong: an unknown id or path, or a layer the model does not have.
+
+    Weights load only from safetensors files (``use_safetensors=True``): a pickle
+    checkpoint (``pytorch_model.bin``) can run code when unpickled, so a model that has
+    only those is refused. A model that ships its own Python code (``auto_map`` in its
+    config) is refused unless ``trust_remote_code`` opts in.
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -188,6 +209,8 @@ def load_model(
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     source, _ = _resolve_source(name)
+    if isinstance(source, Path):
+        require_safetensors(source, name)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -195,6 +218,13 @@ def load_model(
             f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local "
             f"directory, nor a reachable hub id ({type(err).__name__}: {err}). Offline, use an embedded "
             "model or a local path."
+        ) from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(
+            f"model {name!r} ships its own Python code (auto_map in its config.json), which is not run unless "
+            "the config opts in: set `extract.trust_remote_code: true` only if you trust that code"
         ) from err
     n_layers = int(getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0)))
     if not 0 <= layer < n_layers:
@@ -207,13 +237,22 @@ def load_model(
         raise ValueError(f"model {name!r} ({config.model_type}) is not a causal LM; next-token loss needs a decoder model")
     loader = AutoModelForCausalLM if causal_lm else AutoModel
     kept_layers = n_layers if causal_lm else layer + 1
-    model = loader.from_pretrained(
-        source,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-        **{layer_key: kept_layers},
-    ).eval()
+    try:
+        model = loader.from_pretrained(
+            source,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            use_safetensors=True,
+            **{layer_key: kept_layers},
+        ).eval()
+    except OSError as err:
+        if "safetensors" not in str(err):
+            raise
+        raise ValueError(
+            f"model {name!r} has no safetensors weights ({err}); pickle checkpoints (pytorch_model.bin) "
+            "are refused because unpickling can run code. Use a revision that has model.safetensors."
+        ) from err
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     prefix, suffix = special_template(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)

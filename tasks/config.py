@@ -194,7 +194,11 @@ class ReportConfig(_Strict):
 class PipelineConfig(_Strict):
     """A whole run: one section per stage (each stage reads only its own section)."""
 
-    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: outputs go to runs/NAME/ unless --out says otherwise.")
+    name: str = Field(
+        default="default",
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$",  # one path component, never '.', '..' or hidden
+        description="Run name: outputs go to runs/NAME/ unless --out says otherwise (letters, digits, _ - .; not starting with '.').",
+    )
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     train: TrainStageConfig = Field(default_factory=TrainStageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
