@@ -75,10 +75,11 @@ MethodName = Literal["single", "expanded", "expanded_compute_matched", "bagging"
 class TrainStageConfig(_Strict):
     """The training stage: S independent runs of every method on the train split.
 
-    Run r of bagging and boosting uses member seeds {rJ, …, rJ + J − 1} (disjoint across
-    runs). The single SAE of run r is bagging's member 0 (seed rJ): the J = 1 point of
-    both curves, as in the paper. Expanded SAEs are one SAE of width J·d_sae with TopK
-    sparsity k·J (L1/L0 SAEs keep the same λ).
+    Run r of bagging and boosting uses member seeds {bJ, …, bJ + J − 1} with block
+    b = recipe.seed · S + r (disjoint across runs, and across recipe seeds for the same S
+    and J; recipe.seed = 0 gives {rJ, …}). The single SAE of run r is bagging's member 0
+    (seed bJ): the J = 1 point of both curves, as in the paper. Expanded SAEs are one SAE
+    of width J·d_sae with TopK sparsity k·J (L1/L0 SAEs keep the same λ).
     """
 
     architecture: ArchitectureName = Field(default="topk", description="Member architecture (all methods).")
@@ -100,7 +101,8 @@ class TrainStageConfig(_Strict):
     max_train_tokens: int | None = Field(default=None, gt=0, description="Use at most this many train tokens.")
     recipe: TrainConfig = Field(
         default_factory=lambda: TrainConfig(n_steps=200, batch_size=1024, lr=1e-3, autocast_bf16=True),
-        description="Training recipe of every SAE (its seed is replaced per member).",
+        description="Training recipe of every SAE; its seed is the base of the member seeds (run r, member j: "
+        "seed (recipe.seed·n_runs + r)·n_members + j).",
     )
 
     @model_validator(mode="after")

@@ -2,9 +2,9 @@
 
 Reads ``activations/`` (validated), writes one ensemble directory per (method, run)::
 
-    models/bagging/run=<r>/                      J_max members, α = 1/J, seeds {rJ..rJ+J-1}
+    models/bagging/run=<r>/                      J_max members, α = 1/J, seeds {bJ..bJ+J-1}, b = recipe.seed·S + r
     models/boosting/run=<r>/                     J_max stages, α = 1, same seeds
-    models/single/run=<r>/                       bagging's member 0 (seed rJ): the J = 1 point
+    models/single/run=<r>/                       bagging's member 0 (seed bJ): the J = 1 point
     models/expanded_J<J>/run=<r>/                one SAE of width J·d_sae, TopK k·J
     models/expanded_compute_matched_J<J>/run=<r>/   the same trained for J× the steps
 
@@ -59,12 +59,18 @@ def _existing(directory: Path, fingerprint: str) -> Ensemble | None:
     return ens if ens.info.get("fingerprint") == fingerprint else None
 
 
+def seed_block(cfg: TrainStageConfig, run: int) -> int:
+    """Run ``run``'s seed block b; its members get seeds {bJ, …, bJ + J − 1}."""
+    return cfg.recipe.seed * cfg.n_runs + run
+
+
 def plan_jobs(cfg: TrainStageConfig) -> list[dict]:
     """Every model the stage produces, in training order, with what determines it."""
     J = cfg.n_members
     jobs = []
     for r in range(cfg.n_runs):
-        seeds = default_seeds(cfg.recipe.model_copy(update={"seed": r}), J)
+        # seed block of run r: recipe.seed picks a fresh set of S disjoint blocks (0 -> blocks 0..S-1)
+        seeds = default_seeds(cfg.recipe.model_copy(update={"seed": seed_block(cfg, r)}), J)
         if "bagging" in cfg.methods:
             jobs.append({"method": "bagging", "run": r, "n_members": J, "seeds": seeds, "cost": J})
         if "single" in cfg.methods:
@@ -148,7 +154,7 @@ def run_training(
             if record:
                 report(f"{name}: step {step}, loss {sum(record['loss']) / len(record['loss']):.4g}")
 
-        tcfg = cfg.recipe.model_copy(update={"seed": job["run"]})
+        tcfg = cfg.recipe.model_copy(update={"seed": seed_block(cfg, job["run"])})
         ckpt = run_dir / CHECKPOINTS_DIR / directory.parent.name / directory.name
         report(f"{name}: training")
         if job["method"] == "bagging":
