@@ -474,6 +474,10 @@ def run_downstream(cfg: DownstreamConfig, run_dir: Path, *, progress: bool = Tru
         raise FileNotFoundError(f"no trained models under {run_dir / MODELS_DIR} (models/<method>/run=<r>/); run the train stage first")
     if not cfg.probing_datasets and not cfg.scr_pairs:
         raise ValueError("nothing to do: probing_datasets and scr_pairs are both empty")
+    for m in models:  # before anything is written: a model of another width fails the stage anyway
+        d_in = json.loads((m.path / "ensemble.json").read_text()).get("d_in")
+        if d_in is not None and d_in != manifest.d:
+            raise ValueError(f"model {m.path} reads d={d_in}, but the activations have d={manifest.d}; retrain it (train stage)")
     sets = build_labelled_sets(cfg)
     fingerprint = _inputs_fingerprint(cfg, manifest, sets, models)
     read = [f"{ACTIVATIONS_DIR}/{MANIFEST}", *[m.path.relative_to(run_dir).as_posix() for m in models]]
