@@ -70,6 +70,11 @@ def test_run_and_stage_commands_refuse_bad_configs_and_misplaced_force(tmp_path)
     assert proc.returncode == 2
     assert f"{cfg}: section 'train': train.d_sae: Input should be a valid integer" in proc.stderr and "'many'" in proc.stderr
     assert not (tmp_path / "r").exists()
+    cfg.write_text("name: bad\ntrain:\n  d_sea: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(cfg), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "unknown key 'train.d_sea'" in proc.stderr and "known keys here:" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
     cfg.write_text("name: ok\n")
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--config", str(cfg), "--force", "evaluate"],

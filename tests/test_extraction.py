@@ -192,17 +192,27 @@ def test_manifest_mismatch_is_reported(damaged):
         validate(directory)
 
 
+def _artifacts(run: Path) -> list[str]:
+    """Files the stage published (hidden state such as the datasets cache left out)."""
+    return sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() and not p.relative_to(run).parts[0].startswith("."))
+
+
 def test_bad_inputs(tiny_model, corpus_file, tmp_path):
     _, model_dir = tiny_model
     with pytest.raises(ValueError, match=r"has 3 layers \(0..2\); layer 7 does not exist"):
         run_extraction(config(model_dir, corpus_file, layer=7), tmp_path / "a", progress=False)
-    with pytest.raises(ValueError, match="'no/such/model' is neither an embedded model"):
+    with pytest.raises(ValueError, match="'no/such/model' is neither an embedded model"):  # a hub id, offline
         run_extraction(config(Path("no/such/model"), corpus_file), tmp_path / "b", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"model path \./no/such/dir does not exist"):
+        run_extraction(config("./no/such/dir", corpus_file), tmp_path / "b2", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: not a transformers model directory"):
+        run_extraction(config(corpus_file.parent, corpus_file), tmp_path / "b3", progress=False)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="the corpus is empty"):
         run_extraction(config(model_dir, empty), tmp_path / "c", progress=False)
-    assert not (tmp_path / "a" / "activations" / "manifest.json").exists()
+    for run in ("a", "b", "b2", "b3", "c"):  # nothing published
+        assert _artifacts(tmp_path / run) == [], run
 
 
 # --------------------------------------------------------------- embedded models
