@@ -211,3 +211,12 @@ def test_fast_paths_train_to_the_same_quality_as_the_reference_step(arch, bf16, 
     if not bf16:
         rel = float((results[True].W_dec - results[False].W_dec).detach().norm() / results[False].W_dec.detach().norm())
         assert rel < 1e-3, rel
+
+
+def test_keep_freed_memory_is_in_effect_after_training(data):
+    """train_sae applies glibc's mallopt settings (this is Linux/glibc): in effect, cached."""
+    from sae_core.training import memory
+
+    train_sae(small_cfg("topk"), data, small_train("topk", n_steps=8))
+    assert memory._applied is True
+    assert memory.keep_freed_memory() is True  # second call: the cached answer, no second mallopt

@@ -29,6 +29,7 @@ from sae_core.config import L1_TYPE_ARCHITECTURES, SAEConfig, TrainConfig
 from sae_core.init import initial_b_dec
 from sae_core.registry import get_architecture
 from sae_core.saes.base import SAE, LossContext
+from sae_core.training.memory import keep_freed_memory
 from sae_core.training.schedules import PAnnealer, lr_multiplier, sparsity_warmup_multiplier
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -216,6 +217,7 @@ def train_sae(
     callback: called as ``callback(step, sae, record)`` after every step (1-based step).
     """
     _check_activations(activations, sae_cfg)
+    keep_freed_memory()  # the step's large tensors reuse pages instead of mmap + zero-fill each step
     if train_cfg.p_annealing is not None and sae_cfg.architecture not in L1_TYPE_ARCHITECTURES:
         raise ValueError(
             f"p_annealing applies to L1-type SAEs ({', '.join(sorted(L1_TYPE_ARCHITECTURES))}), "
