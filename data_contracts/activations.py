@@ -74,6 +74,9 @@ class ActivationManifest(BaseModel):
     documents_per_split: dict[str, int]
     shards: list[ShardInfo]
     max_norm: float = Field(gt=0, description="Upper bound on a token's activation norm (contract).")
+    trust_remote_code: bool = Field(
+        default=False, description="The extraction opted in to the model's own code; later stages load it the same way."
+    )
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -236,6 +239,14 @@ def validate_table(table: pa.Table, info: ShardInfo, vocab_size: int, max_norm: 
             bad = frame.index[~frame["finite"]][:5]
             f.samples = frame.loc[bad, ["doc_id", "position", "token_id"]].to_dict("records")
     return values, failures
+
+
+def check_shard_file(path: Path, info: ShardInfo, d: int, vocab_size: int, max_norm: float) -> list[Failure]:
+    """The shard suite on one file without a manifest (schema, then rows): [] when it passes."""
+    table, read_failures = _shard_table(Path(path), d)
+    if table is None:
+        return read_failures
+    return validate_table(table, info, vocab_size, max_norm)[1]
 
 
 def validate_shard(directory: Path, info: ShardInfo, manifest: ActivationManifest, *, check_checksum: bool = True) -> tuple[np.ndarray | None, list[Failure]]:

@@ -205,7 +205,7 @@ def document_tokens(
 
     source, _ = _resolve_source(manifest.model)
     revision = None if isinstance(source, Path) or manifest.revision == "unknown" else manifest.revision
-    loaded = load_model(manifest.model, manifest.layer, revision=revision)
+    loaded = load_model(manifest.model, manifest.layer, revision=revision, trust_remote_code=manifest.trust_remote_code)
     if loaded.revision != manifest.revision:
         raise ValueError(
             f"model {manifest.model!r} now has revision {loaded.revision}, but the activations were extracted from "

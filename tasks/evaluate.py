@@ -107,7 +107,7 @@ def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models) -> tuple[list
     from sae_core.splice import ce_loss_recovered, spliced_losses, zero_replacement
 
     try:
-        loaded = load_model(manifest.model, manifest.layer, causal_lm=True)
+        loaded = load_model(manifest.model, manifest.layer, causal_lm=True, trust_remote_code=manifest.trust_remote_code)
     except ValueError as err:
         if "not a causal LM" in str(err):
             return [], f"ce_loss_recovered: not applicable ({manifest.model} is not a causal LM)"

@@ -28,10 +28,10 @@ from data_contracts.activations import (
     SPLITS,
     ActivationManifest,
     ShardInfo,
+    check_shard_file,
     shard_fingerprint,
     shard_path,
     validate_activations,
-    validate_shard,
     write_manifest,
     write_shard,
 )
@@ -134,6 +134,8 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
         try:
             manifest = validate_activations(out)
             if manifest.config_fingerprint == fingerprint:
+                if not (run_dir / DOCUMENTS_FILE).is_file():  # deleted by hand: cheap to restore
+                    write_documents(docs, run_dir / DOCUMENTS_FILE)
                 return ExtractionReport(manifest, [], [s.file for s in manifest.shards], 0, time.perf_counter() - start)
         except ContractViolation:
             pass  # damaged or incomplete: resume below, reusing every intact shard
@@ -153,7 +155,6 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     token_ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
     n_special = len(loaded.prefix_ids) + len(loaded.suffix_ids)
     plan = _plan(docs, token_ids, cfg, n_special)
-    write_documents(docs, run_dir / DOCUMENTS_FILE)
 
     todo_tokens = sum(
         len(token_ids[r]) for split in SPLITS for i, rows in enumerate(plan[split]) if not (out / shard_path(split, i)).is_file() for r in rows
@@ -176,9 +177,16 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
                 for index, rows in enumerate(plan[split]):
                     rel = shard_path(split, index)
                     if (out / rel).is_file():
-                        slots.append(_existing_shard_info(out, rel, split))
-                        reused.append(rel)
-                        continue
+                        info = _existing_shard_info(out, rel, split)
+                        # a finished shard is reused only if it still passes its contract;
+                        # a damaged one (NaN rows, wrong width, ...) is extracted again
+                        damaged = check_shard_file(out / rel, info, loaded.d_model, loaded.vocab_size, cfg.max_norm)
+                        if not damaged:
+                            slots.append(info)
+                            reused.append(rel)
+                            continue
+                        print(f"re-extracting {rel}: " + "; ".join(f.detail for f in damaged[:3]))
+                        (out / rel).unlink()
                     doc_ids = docs["doc_id"].to_numpy()[rows]
                     batch = _extract_shard(loaded, doc_ids, [token_ids[r] for r in rows], cfg, bar)
                     if pending is not None:
@@ -214,14 +222,11 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
         documents_per_split=documents,
         shards=shards,
         max_norm=cfg.max_norm,
+        trust_remote_code=cfg.trust_remote_code,
     )
-    # written shards were validated before they were written; check the reused ones too
-    # before publishing the manifest: nothing unchecked goes out
-    failures = []
-    for info in shards:
-        if info.file in reused:
-            failures += validate_shard(out, info, provisional, check_checksum=False)[1]
-    if failures:
-        raise ContractViolation(out, failures)
+    # every shard passed its contract: written ones before they were written, reused ones
+    # when they were found. The documents go out with the manifest, not before the shards,
+    # so a failed extraction publishes neither.
+    write_documents(docs, run_dir / DOCUMENTS_FILE)
     write_manifest(out, provisional)
     return ExtractionReport(provisional, written, reused, extracted, time.perf_counter() - start)

@@ -200,8 +200,8 @@ def test_non_finite_activations_from_the_model_stop_extraction_before_any_shard(
     with pytest.raises(ContractViolation, match=r"(?s)activations.*column=finite.*value_set=\[True\]") as err:
         run_extraction(tiny.cfg.extract.model_copy(update={"model": str(poisoned)}), run, progress=False)
     assert "shard-00000.parquet" in str(err.value) and "'position'" in str(err.value)  # names the shard and sample rows
-    # no shard and no manifest; documents.parquet (the corpus table) is written before the shards
-    assert published(run) == [DOCUMENTS_FILE]
+    # no shard, no manifest, no documents table: the documents go out with the manifest
+    assert published(run) == []
 
 
 def test_documents_shorter_than_the_context_are_padded_not_mixed(tiny, tmp_path):
@@ -284,7 +284,21 @@ def test_damaged_activations_stop_training_before_any_model(reference, tiny, tmp
     assert not (run / MODELS_DIR).exists() and not (run / CHECKPOINTS_DIR).exists()
 
 
-@pytest.mark.parametrize("damage", [_truncate, _manifest_mismatch])
+def _infinite_same_fingerprint(directory: Path) -> str:
+    """An inf value in a shard that still carries this extraction's fingerprint (as if written by it)."""
+    from data_contracts.activations import shard_fingerprint
+
+    info = read_manifest(directory).shards_of("train")[1]
+    fingerprint = shard_fingerprint(directory / info.file)
+    table = pq.read_table(directory / info.file).to_pandas()
+    acts = np.stack(table["activation"].to_numpy()).copy()
+    acts[2, 5] = np.inf
+    write_shard(directory, "train", 1, table["doc_id"].to_numpy(), table["position"].to_numpy(),
+                table["token_id"].to_numpy(), acts, fingerprint)
+    return info.file
+
+
+@pytest.mark.parametrize("damage", [_truncate, _manifest_mismatch, _infinite_same_fingerprint])
 def test_extraction_repairs_damaged_activations(reference, tiny, tmp_path, damage):
     """The extract stage itself redoes what is broken and keeps what is intact (a deleted shard:
     tests/test_extraction.py::test_rerun_does_no_work_and_resume_rewrites_only_the_missing_shard)."""
@@ -585,6 +599,11 @@ def test_remote_code_runs_only_when_the_config_opts_in(tiny, tmp_path):
     assert ExtractConfig().trust_remote_code is False
     loaded = load_model(str(model), 1, trust_remote_code=True)  # opted in: its code runs
     assert type(loaded.model).__name__ == "CustomModel" and marker.read_text() == "ran"
+    # the opt-in is recorded in the manifest, so evaluate and downstream load the model the same way
+    report = run_extraction(tiny.cfg.extract.model_copy(update={"model": str(model), "trust_remote_code": True}), run,
+                            progress=False)
+    assert report.manifest.trust_remote_code is True
+    assert read_manifest(run / ACTIVATIONS_DIR).trust_remote_code is True
 
 
 @pytest.mark.parametrize("name", [".", "..", ".hidden", "../elsewhere", "a/b", "/abs"])
