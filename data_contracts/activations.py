@@ -198,8 +198,16 @@ def row_summary(table: pa.Table) -> tuple[pd.DataFrame, np.ndarray]:
     col = table.column("activation").combine_chunks()
     d = col.type.list_size
     values = col.values.to_numpy(zero_copy_only=False).reshape(-1, d) if len(col) else np.zeros((0, d), np.float32)
-    finite = np.isfinite(values).all(axis=1)
-    norm = np.linalg.norm(np.where(np.isfinite(values), values, 0.0), axis=1)
+    # one pass for the common case: a row's squared norm is finite iff all its values are
+    # (or it overflows, > 1.8e19, far past any max_norm); only such rows are looked at again
+    norm = np.sqrt(np.einsum("ij,ij->i", values, values))
+    finite = np.isfinite(norm)
+    if not finite.all():
+        odd = np.flatnonzero(~finite)
+        rows = values[odd].astype(np.float64)
+        ok = np.isfinite(rows)
+        finite[odd] = ok.all(axis=1)
+        norm[odd] = np.linalg.norm(np.where(ok, rows, 0.0), axis=1)  # the norm of the finite values
     frame = pd.DataFrame(
         {
             "doc_id": table.column("doc_id").to_pandas(),

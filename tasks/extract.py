@@ -107,18 +107,35 @@ def _existing_shard_info(directory: Path, rel: str, split: str) -> ShardInfo:
 
 
 def _extract_shard(loaded: LoadedModel, doc_ids: np.ndarray, ids: list[list[int]], cfg: ExtractConfig, bar) -> ActivationBatch:
+    """One shard's rows, ordered by document then position.
+
+    Windows are batched sorted by length (less padding), and each batch's rows are copied
+    straight to their final place in preallocated arrays: one copy per value, instead of
+    concatenating the batches and then reordering the whole shard (two more copies).
+    """
     windows: list[Window] = []
     for i, toks in enumerate(ids):
         windows += make_windows(i, toks, cfg.context_length, loaded.prefix_ids, loaded.suffix_ids)
-    windows.sort(key=lambda w: len(w.input_ids))  # less padding per batch
-    parts = []
-    for batch in extract_batches(loaded, windows, cfg.batch_size, cfg.include_special_tokens):
-        parts.append(batch)
+    # windows are created in (document, window) order = the final row order
+    kept = np.array([len(w.special) if cfg.include_special_tokens else w.special.count(False) for w in windows], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(kept)])
+    n = int(starts[-1])
+    out = ActivationBatch(np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32),
+                          np.empty((n, loaded.d_model), np.float32))
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids))
+    batched = [windows[i] for i in order]
+    for b, batch in enumerate(extract_batches(loaded, batched, cfg.batch_size, cfg.include_special_tokens)):
+        members = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        dest = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+        if len(dest) != len(batch.position):
+            raise RuntimeError(f"extraction kept {len(batch.position)} tokens of a batch, expected {len(dest)}")
+        out.doc_index[dest] = batch.doc_index
+        out.position[dest] = batch.position
+        out.token_id[dest] = batch.token_id
+        out.activation[dest] = batch.activation
         if bar is not None:
             bar.update(len(batch.position))
-    out = ActivationBatch.concat(parts, loaded.d_model)
-    order = np.lexsort((out.position, out.doc_index))  # deterministic row order: by document, then position
-    return ActivationBatch(out.doc_index[order], out.position[order], out.token_id[order], out.activation[order])
+    return out
 
 
 def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = True) -> ExtractionReport:

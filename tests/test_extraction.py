@@ -235,3 +235,25 @@ def test_embedded_smollm2_extracts_tweets_offline(tmp_path):
     m = report.manifest
     assert (m.d, m.layer, m.vocab_size) == (576, 6, 49152)
     assert m.tokens_per_split["train"] > 20
+
+
+def test_row_summary_norms_and_finiteness_equal_the_plain_formulas():
+    """row_summary's one-pass norm (einsum, re-examining only rows whose squared norm is not
+    finite) against the plain per-element formulas, with NaN, inf and overflowing rows."""
+    import pyarrow as pa
+
+    from data_contracts.activations import row_summary
+
+    v = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    v[3, 2], v[7, 0], v[9, :] = np.nan, -np.inf, 1e30  # row 9: finite values, squared norm overflows
+    table = pa.Table.from_arrays(
+        [pa.array(["d"] * 200), pa.array(["train"] * 200), pa.array(np.arange(200, dtype=np.int32)),
+         pa.array(np.zeros(200, np.int32)), pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 8)],
+        names=["doc_id", "split", "position", "token_id", "activation"],
+    )
+    frame, values = row_summary(table)
+    assert np.array_equal(values, v, equal_nan=True)
+    assert frame["finite"].tolist() == np.isfinite(v).all(axis=1).tolist()
+    assert not frame["finite"][3] and not frame["finite"][7] and frame["finite"][9]
+    plain = np.linalg.norm(np.where(np.isfinite(v), v.astype(np.float64), 0.0), axis=1)
+    np.testing.assert_allclose(frame["norm"].to_numpy(), plain, rtol=1e-5)
