@@ -70,24 +70,13 @@ def batches(data: torch.Tensor, batch: int):
         i += 1
 
 
-def time_ours(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf16: bool, steps: int, fast: bool = True) -> float:
-    sys.path.insert(0, str(ROOT))
-    from sae_core import SAEConfig, TrainConfig, train_sae
+def time_ours(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf16: bool, steps: int) -> float:
+    from common import step_seconds
+
+    from sae_core import SAEConfig
 
     cfg = SAEConfig(architecture=arch, d_in=d, d_sae=k, **({"k": 32} if arch == "topk" else {}))
-    times: list[float] = []
-    last = [0.0]
-
-    def clock(step, sae, record):
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    tcfg = TrainConfig(n_steps=steps + 1, batch_size=batch, autocast_bf16=bf16, fast_paths=fast,
-                       b_dec_init="mean", log_every=10**6)
-    last[0] = time.perf_counter()
-    train_sae(cfg, data, tcfg, callback=clock)
-    return batch / min(times[1:])
+    return batch / min(step_seconds(cfg, data, 1, batch, steps, bf16))
 
 
 def time_sae_lens(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf16: bool, steps: int) -> float:
@@ -134,16 +123,6 @@ def time_dictionary_learning(arch: str, data: torch.Tensor, d: int, k: int, batc
     return batch / best
 
 
-def matmul_flops(batch: int, d: int, k: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    a, w = torch.randn(batch, d).to(dtype), torch.randn(d, k).to(dtype)
-    for _ in range(2):
-        a @ w
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ w
-    return 2 * batch * d * k * repeats / (time.perf_counter() - start)
-
-
 def run(args) -> None:
     from safetensors.torch import load_file
 
@@ -157,6 +136,9 @@ def run(args) -> None:
     import dictionary_learning  # noqa: F401  (fail early if the peers are not installed)
     import sae_lens
 
+    sys.path.insert(0, str(ROOT))  # our library, next to the peers in their environment
+    from common import matmul_flops_per_second
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sae-lens {sae_lens.__version__}, "
           f"dictionary-learning 0.1.0; d={d} k={args.k} batch={args.batch}; {data.shape[0]} real activations; "
           f"best of {args.rounds} rounds x {args.steps} steps")
@@ -165,7 +147,7 @@ def run(args) -> None:
     header = f"{'architecture':<8} {'dtype':<5} " + " ".join(f"{n:>20}" for n in runners) + f" {'vs fastest peer':>16} {'roofline':>9}"
     print(header)
     for dtype_name, bf16 in (("fp32", False), ("bf16", True)):
-        roofline = matmul_flops(args.batch, d, args.k, torch.bfloat16 if bf16 else torch.float32) / (12 * d * args.k)
+        roofline = matmul_flops_per_second(args.batch, d, args.k, torch.bfloat16 if bf16 else torch.float32) / (12 * d * args.k)
         for arch in ("relu", "topk"):
             best = dict.fromkeys(runners, 0.0)
             for _ in range(args.rounds):

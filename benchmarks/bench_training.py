@@ -13,25 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from common import member_tokens_per_second
+from common import matmul_flops_per_second, member_tokens_per_second
 
 from sae_core import SAEConfig
-
-
-def matmul_flops_per_second(batch: int, d: int, k: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    a = torch.randn(batch, d).to(dtype)
-    w = torch.randn(d, k).to(dtype)
-    for _ in range(2):
-        a @ w
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ w
-    return 2 * batch * d * k * repeats / (time.perf_counter() - start)
 
 
 def step_tokens_per_second(arch: str, d: int, k: int, batch: int, steps: int, bf16: bool) -> float:

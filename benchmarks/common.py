@@ -1,4 +1,4 @@
-"""Shared timing of SAE training steps for the benchmarks (run as scripts from the repo root)."""
+"""Shared timing of SAE training steps and matmuls for the benchmarks (run as scripts from the repo root)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from sae_core import SAEConfig, TrainConfig, train_sae
 
 
-def member_tokens_per_second(cfg: SAEConfig, n_members: int, batch: int, steps: int, bf16: bool) -> float:
-    """Tokens x members per second of full training steps (median step; the first is warm-up)."""
-    data = torch.randn(batch * (steps + 2), cfg.d_in)
+def step_seconds(cfg: SAEConfig, data: torch.Tensor, n_members: int, batch: int, steps: int, bf16: bool,
+                 fast_paths: bool = True) -> list[float]:
+    """Seconds of each full training step after the first (warm-up) one, on ``data``."""
     times: list[float] = []
     last = [0.0]
 
@@ -20,8 +20,26 @@ def member_tokens_per_second(cfg: SAEConfig, n_members: int, batch: int, steps: 
         times.append(now - last[0])
         last[0] = now
 
-    tcfg = TrainConfig(n_steps=steps + 1, batch_size=batch, autocast_bf16=bf16, b_dec_init="mean", log_every=10**6)
+    tcfg = TrainConfig(n_steps=steps + 1, batch_size=batch, autocast_bf16=bf16, fast_paths=fast_paths,
+                       b_dec_init="mean", log_every=10**6)
     last[0] = time.perf_counter()
     train_sae(cfg, data, tcfg, member_seeds=list(range(n_members)), callback=clock)
-    per_step = sorted(times[1:])[len(times[1:]) // 2]
-    return batch * n_members / per_step
+    return times[1:]
+
+
+def member_tokens_per_second(cfg: SAEConfig, n_members: int, batch: int, steps: int, bf16: bool) -> float:
+    """Tokens x members per second of full training steps on random data (median step)."""
+    times = sorted(step_seconds(cfg, torch.randn(batch * (steps + 2), cfg.d_in), n_members, batch, steps, bf16))
+    return batch * n_members / times[len(times) // 2]
+
+
+def matmul_flops_per_second(batch: int, d: int, k: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a [batch, d] x [d, k] matmul in ``dtype`` (the roofline's yardstick)."""
+    a = torch.randn(batch, d).to(dtype)
+    w = torch.randn(d, k).to(dtype)
+    for _ in range(2):
+        a @ w
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ w
+    return 2 * batch * d * k * repeats / (time.perf_counter() - start)
