@@ -2,7 +2,8 @@
 
 "extract" is the whole stage (corpus, tokenisation, forward, Parquet shards, checksums,
 great-expectations validation, manifest); "bare" loads the corpus and the same truncated
-model and runs the same padded batches through it, keeping nothing. Library imports are
+model and runs exactly the extraction's padded batches (per shard, sorted by length, from
+the stage's own plan) through it, keeping nothing. Library imports are
 warmed up first (a pipeline process pays them once). Target: extract >= 0.9 x bare.
 
     python benchmarks/bench_extraction.py [--docs 300] [--layer 3] [--context 128] [--rounds 3]
@@ -19,18 +20,28 @@ from pathlib import Path
 from sae_core.extraction import extract_batches, make_windows
 from sae_core.models import load_model
 from tasks.config import CorpusSource, ExtractConfig
-from tasks.extract import run_extraction
+from data_contracts.activations import SPLITS
+from tasks.extract import _plan, run_extraction
 from tasks.sources import load_corpus
 
 
 def bare_forward(cfg: ExtractConfig) -> tuple[int, float]:
+    """Corpus, model, tokenisation and the forward of exactly the extraction's batches, keeping nothing.
+
+    The extraction batches each shard's windows on their own (a shard is its unit of
+    resume), sorted by length; so does this, through the stage's own plan.
+    """
     start = time.perf_counter()
     docs = load_corpus(cfg)
     loaded = load_model(cfg.model, cfg.layer)
     ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
-    windows = [w for i, t in enumerate(ids) for w in make_windows(i, t, cfg.context_length, loaded.prefix_ids, loaded.suffix_ids)]
-    windows.sort(key=lambda w: len(w.input_ids))
-    tokens = sum(len(b.position) for b in extract_batches(loaded, windows, cfg.batch_size))
+    plan = _plan(docs, ids, cfg, len(loaded.prefix_ids) + len(loaded.suffix_ids))
+    tokens = 0
+    for split in SPLITS:
+        for rows in plan[split]:
+            windows = [w for i, r in enumerate(rows) for w in make_windows(i, ids[r], cfg.context_length, loaded.prefix_ids, loaded.suffix_ids)]
+            windows.sort(key=lambda w: len(w.input_ids))
+            tokens += sum(len(b.position) for b in extract_batches(loaded, windows, cfg.batch_size))
     return tokens, time.perf_counter() - start
 
 
