@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,19 @@ def read_parquet(path: Path) -> pa.Table:
 
 
 _CONTEXT = None
+# great-expectations' context keeps the data source, asset and batch definition of a
+# suite name as shared state: two threads validating under one name (the extraction's
+# shard writer and a reused shard's check) would validate each other's frames.
+_GX_LOCK = threading.RLock()
 
 
 def gx_context():
     """One ephemeral great-expectations context per process, progress bars off."""
+    with _GX_LOCK:
+        return _context_locked()
+
+
+def _context_locked():
     global _CONTEXT
     if _CONTEXT is None:
         import great_expectations as gx
@@ -93,6 +103,11 @@ def run_suite(name: str, frame: pd.DataFrame, expectations: list) -> list[Failur
     """Validate ``frame`` against great-expectations ``expectations``; return the failures."""
     import great_expectations as gx
 
+    with _GX_LOCK:  # one ephemeral context per process, and it is not thread-safe
+        return _run_suite_locked(gx, name, frame, expectations)
+
+
+def _run_suite_locked(gx, name: str, frame: pd.DataFrame, expectations: list) -> list[Failure]:
     ctx = gx_context()
     source_name = f"src_{name}"
     try:

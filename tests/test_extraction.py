@@ -257,3 +257,24 @@ def test_row_summary_norms_and_finiteness_equal_the_plain_formulas():
     assert not frame["finite"][3] and not frame["finite"][7] and frame["finite"][9]
     plain = np.linalg.norm(np.where(np.isfinite(v), v.astype(np.float64), 0.0), axis=1)
     np.testing.assert_allclose(frame["norm"].to_numpy(), plain, rtol=1e-5)
+
+
+def test_suites_run_from_two_threads_under_one_name_see_their_own_frames():
+    """The shard writer thread and the main thread (checking a reused shard) validate under the
+    same suite name at once; great-expectations' context shares the batch definition of a
+    name, so without run_suite's lock one thread validated the other's frame (a CI failure:
+    'expect_table_row_count_to_equal: value=171; observed 166')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    from data_contracts.core import run_suite
+
+    def check(rows: int) -> list:
+        frame = pd.DataFrame({"position": np.arange(rows)})
+        return run_suite("activations_train", frame, [gxe.ExpectTableRowCountToEqual(value=rows)])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(check, [100 + i % 2 * 7 for i in range(24)]))
+    assert all(r == [] for r in results), [r for r in results if r]
