@@ -182,9 +182,10 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
 
         bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"extract {cfg.model} layer {cfg.layer}")
     # Each finished shard is validated and written by one background thread while the
-    # model runs the next shard's batches (the write releases the GIL in Arrow); at most
-    # one write is pending, so memory holds two shards at most. A failed write surfaces
-    # at the next wait and stops the stage; every shard that was written is complete.
+    # model runs the next shard's batches; at most one write is pending, so memory holds
+    # two shards at most. A failed write surfaces at the next wait and stops the stage;
+    # every shard that was written is complete. (On 2 cores the gain is small: the
+    # forward already uses both, and validation holds the GIL in pandas.)
     slots: list[ShardInfo | Future] = []
     written, reused = [], []
     pending: Future | None = None
