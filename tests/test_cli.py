@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sae_core import load_sae
@@ -38,6 +39,8 @@ def test_unknown_architecture_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # 55 s (two CLI runs, each with a temporary Prefect server); `sae-ensembles extract`
+# stays in `make test` through test_reliability.py::test_extraction_killed_mid_run_resumes_to_identical_shards
 def test_extract_command_runs_the_stage_and_then_reports_up_to_date(tmp_path):
     from tests.tiny_models import TEXTS, build_tiny_model
 
