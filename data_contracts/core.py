@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import threading
 from dataclasses import dataclass, field
@@ -42,14 +44,43 @@ class ContractViolation(ValueError):
         super().__init__(f"artifact {self.artifact} violates its contract ({len(failures)} failed):\n{lines}")
 
 
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it: the digest without re-reading the file."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        self._size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._size
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 def write_parquet_atomic(
     table: pa.Table,
     path: Path,
     artifact: str,
     extra_metadata: dict[str, str] | None = None,
-    compression: str = "zstd",
+    compression: str | dict[str, str] = "zstd",
+    **parquet_options: Any,
 ) -> str:
-    """Write ``table`` to ``path`` via a temp file and rename; returns the file's sha256."""
+    """Write ``table`` to ``path`` via a temp file and rename; returns the file's sha256.
+
+    The sha256 is computed from the bytes as they are written (the same digest as
+    :func:`file_sha256` of the result, tested). ``parquet_options`` go to
+    ``pyarrow.parquet.write_table`` (per-column dictionary and statistics settings).
+    """
     meta = dict(table.schema.metadata or {})
     meta[ARTIFACT_KEY] = artifact.encode()
     for k, v in (extra_metadata or {}).items():
@@ -58,8 +89,10 @@ def write_parquet_atomic(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression=compression)
-        digest = file_sha256(tmp)
+        with open(tmp, "wb") as f:
+            hashing = _HashingWriter(f)
+            pq.write_table(table, hashing, compression=compression, **parquet_options)
+        digest = hashing.hexdigest()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -252,6 +252,8 @@ def test_row_summary_norms_and_finiteness_equal_the_plain_formulas():
         names=["doc_id", "split", "position", "token_id", "activation"],
     )
     frame, values = row_summary(table)
+    # the dtypes great-expectations' pandas "between" vectorises (others run Python per value)
+    assert [str(frame[c].dtype) for c in ("position", "token_id", "norm")] == ["int64", "int64", "float64"]
     assert np.array_equal(values, v, equal_nan=True)
     assert frame["finite"].tolist() == np.isfinite(v).all(axis=1).tolist()
     assert not frame["finite"][3] and not frame["finite"][7] and frame["finite"][9]
