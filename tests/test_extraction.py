@@ -75,6 +75,33 @@ def test_shards_equal_a_direct_forward_of_the_hooked_layer(extracted):
         assert not set(rows["token_id"]) & {2, 3}
 
 
+@pytest.mark.parametrize("include_special_tokens", [False, True])
+def test_extract_in_order_equals_a_forward_of_one_window_at_a_time(tiny_model, include_special_tokens):
+    """The fast path (length-sorted padded batches, each window's slice copied to its final
+    rows) against its slow twin: every window alone, unpadded, rows appended in order."""
+    from sae_core.extraction import extract_in_order, make_windows
+    from sae_core.models import load_model, residual_stream
+
+    _, model_dir = tiny_model
+    loaded = load_model(str(model_dir), 1)
+    docs = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    windows = [w for i, ids in enumerate(docs) for w in make_windows(i, ids, 8, loaded.prefix_ids, loaded.suffix_ids)]
+    assert len({len(w.input_ids) for w in windows}) > 1  # padding happens
+    fast = extract_in_order(loaded, windows, 3, include_special_tokens)
+    rows = {"doc": [], "pos": [], "tok": [], "act": []}
+    for w in windows:
+        hidden = residual_stream(loaded, torch.tensor([w.input_ids]), torch.ones(1, len(w.input_ids), dtype=torch.long))[0]
+        keep = [include_special_tokens or not s for s in w.special]
+        rows["doc"] += [w.doc_index] * sum(keep)
+        rows["pos"] += [p for p, k in zip(w.positions, keep) if k]
+        rows["tok"] += [t for t, k in zip(w.input_ids, keep) if k]
+        rows["act"].append(hidden[torch.tensor(keep)].float().numpy())
+    assert fast.doc_index.tolist() == rows["doc"]
+    assert fast.position.tolist() == rows["pos"]
+    assert fast.token_id.tolist() == rows["tok"]
+    np.testing.assert_allclose(fast.activation, np.concatenate(rows["act"]), rtol=1e-4, atol=1e-5)
+
+
 def test_manifest_counts_and_checksums_match(extracted):
     _, _, run, report, _ = extracted
     manifest = read_manifest(run / "activations")

@@ -11,7 +11,8 @@ per-member speed of a single SAE because of it, and at 1.00x with the pages kept
 (``M_MMAP_MAX = 0``) and not to give freed heap back (``M_TRIM_THRESHOLD`` = 2 GiB - 1, the int maximum), so
 the second step reuses the first step's pages. The process keeps its peak memory until
 it exits, which is what a training process wants anyway. It is a process-wide setting,
-applied once; on anything but glibc it does nothing.
+applied once; on anything but glibc it does nothing. The extraction stage applies it too
+(shard-sized arrays and Parquet buffers per shard).
 """
 
 from __future__ import annotations
