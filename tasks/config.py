@@ -107,10 +107,21 @@ class TrainStageConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainStageConfig":
+        # only a config that trains an expanded SAE is held to its sizes: a bagging-only
+        # run with n_members=4 should not have to lower the default expanded_sizes [8]
+        if not self.trains_expanded:
+            return self
         bad = [j for j in self.expanded_sizes if not 1 <= j <= self.n_members]
         if bad:
-            raise ValueError(f"expanded_sizes {bad} must lie in 1..n_members={self.n_members}")
+            raise ValueError(
+                f"expanded_sizes {bad} must lie in 1..n_members={self.n_members}: lower them, raise n_members, "
+                "or leave expanded and expanded_compute_matched out of methods"
+            )
         return self
+
+    @property
+    def trains_expanded(self) -> bool:
+        return "expanded" in self.methods or ("expanded_compute_matched" in self.methods and self.compute_matched_expanded)
 
 
 # ------------------------------------------------------------------------- evaluation

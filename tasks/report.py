@@ -349,8 +349,9 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> _Do
         missing.append(f"`{ACTIVATIONS_DIR}/manifest.json` is missing: run `sae-ensembles extract`")
     t = cfg.train
     doc.p(f"SAEs: {t.architecture}, d_sae={t.d_sae}" + (f", k={t.k}" if t.k else "") + f", J_max={t.n_members}, "
-          f"S={t.n_runs} runs, {t.recipe.n_steps} steps of {t.recipe.batch_size} tokens; expanded SAEs at J ∈ {t.expanded_sizes} "
-          + ("(TopK: k·J active latents)" if t.k else "(same sparsity coefficient)") + ".")
+          f"S={t.n_runs} runs, {t.recipe.n_steps} steps of {t.recipe.batch_size} tokens"
+          + ((f"; expanded SAEs at J ∈ {t.expanded_sizes} " + ("(TopK: k·J active latents)" if t.k else "(same sparsity coefficient)"))
+             if t.trains_expanded else "; no expanded SAE") + ".")
 
     summary = read_table(run_dir, f"{METRICS_DIR}/summary.parquet", result, missing)
     doc.h(2, "Operating point")

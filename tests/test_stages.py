@@ -150,3 +150,14 @@ def test_decoder_runs_get_ce_loss_recovered_and_kl(tmp_path):
         sae = frame[(frame.metric == "ce_loss_sae") & (frame.method == row.method) & (frame.n_members == row.n_members)].value.iloc[0]
         assert row.value == pytest.approx((zero[0] - sae) / (zero[0] - clean[0]))
     assert (frame[frame.metric == "kl_divergence"].value >= 0).all()
+
+
+def test_expanded_sizes_are_checked_only_when_an_expanded_sae_is_trained():
+    # bagging and boosting alone with J = 4: the default expanded_sizes [8] is irrelevant
+    cfg = TrainStageConfig(n_members=4, methods=["single", "bagging", "boosting"])
+    assert not cfg.trains_expanded
+    for methods in (["bagging", "expanded"], ["expanded_compute_matched"]):
+        with pytest.raises(ValueError, match=r"expanded_sizes \[8\] must lie in 1..n_members=4.*leave expanded"):
+            TrainStageConfig(n_members=4, methods=methods)
+    # compute-matched switched off: nothing expanded is trained
+    assert not TrainStageConfig(n_members=4, methods=["expanded_compute_matched"], compute_matched_expanded=False).trains_expanded
