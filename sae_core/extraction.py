@@ -118,13 +118,15 @@ def extract_in_order(
     np.cumsum([hi - lo for lo, hi in spans], out=starts[1:])
     n = int(starts[-1])
     out = ActivationBatch(np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32), np.empty((n, loaded.d_model), np.float32))
-    activation = torch.from_numpy(out.activation)
     order = sorted(range(len(windows)), key=lambda i: len(windows[i].input_ids))
     for b, (chunk, hidden) in enumerate(padded_batches(loaded, [windows[i] for i in order], batch_size)):
+        # numpy, not torch's copy_: into not yet touched rows, copy_ took 0.25-0.6 s for
+        # 1,074 windows (135k x 384 floats), numpy 0.016 s (measured)
+        hidden = hidden.float().numpy()
         members = order[b * batch_size : b * batch_size + len(chunk)]
         for j, i in enumerate(members):
             (lo, hi), a, z, w = spans[i], starts[i], starts[i + 1], windows[i]
-            activation[a:z].copy_(hidden[j, lo:hi])
+            out.activation[a:z] = hidden[j, lo:hi]
             out.doc_index[a:z] = w.doc_index
             out.position[a:z] = w.positions[lo:hi]
             out.token_id[a:z] = w.input_ids[lo:hi]
