@@ -63,9 +63,9 @@ def main() -> None:
     cfg = ExtractConfig(model=args.model, layer=args.layer, context_length=args.context,
                         corpus=[CorpusSource(name="bbc", max_documents=args.docs)])
     # warm-up outside the timings: library imports (transformers, great_expectations) and
-    # the page cache of the weights, which a pipeline process pays once for all stages
+    # the page cache of the weights, which a pipeline process pays once for all stages;
     # and the process-wide memory setting the stage applies (sae_core/training/memory.py),
-    # so the bare forward runs under it from the first round on as well
+    # so that the bare forward runs under it from the first round on as well
     from data_contracts.core import gx_context
     from sae_core.training.memory import keep_freed_memory
 

@@ -108,8 +108,8 @@ SHARD_PARQUET_OPTIONS = {
 
 # Activation bytes per Parquet row group. The writer builds a row group's list levels and
 # pages in buffers of about its size, fresh memory each time: one 186 MB row group (120k
-# MiniLM tokens) took 0.9-1.1 s to write inside the extraction, 8 of 16 MB 0.42-0.57 s
-# (32 MB: 0.58-0.69 s).
+# MiniLM tokens) took 0.9-1.1 s to write inside the extraction; the same rows in 16 MB
+# row groups 0.42-0.57 s (32 MB: 0.58-0.69 s).
 ROW_GROUP_BYTES = 16 << 20
 
 
