@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from sae_core.extraction import kept_span, make_windows, padded_batches
+from sae_core.extraction import kept_span, length_order, padded_batches
 from sae_core.models import load_model
 from tasks.config import CorpusSource, ExtractConfig
 from data_contracts.activations import SPLITS
-from tasks.extract import _plan, run_extraction
+from tasks.extract import _plan, run_extraction, shard_windows
 from tasks.sources import load_corpus
 
 
@@ -33,7 +33,7 @@ def bare_forward(cfg: ExtractConfig) -> tuple[int, float]:
     hidden states of the kept tokens are gathered.
 
     The extraction batches each shard's windows on their own (a shard is its unit of
-    resume), sorted by length; so does this, through the stage's own plan.
+    resume), sorted by length; so does this, through the stage's own plan, windows and order.
     """
     start = time.perf_counter()
     docs = load_corpus(cfg)
@@ -43,9 +43,8 @@ def bare_forward(cfg: ExtractConfig) -> tuple[int, float]:
     tokens = 0
     for split in SPLITS:
         for rows in plan[split]:
-            windows = [w for i, r in enumerate(rows) for w in make_windows(i, ids[r], cfg.context_length, loaded.prefix_ids, loaded.suffix_ids)]
-            windows.sort(key=lambda w: len(w.input_ids))
-            for _ in padded_batches(loaded, windows, cfg.batch_size):
+            windows = shard_windows(loaded, [ids[r] for r in rows], cfg)
+            for _ in padded_batches(loaded, [windows[i] for i in length_order(windows)], cfg.batch_size):
                 pass
             tokens += sum(hi - lo for lo, hi in (kept_span(w, cfg.include_special_tokens) for w in windows))
     return tokens, time.perf_counter() - start
