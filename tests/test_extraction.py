@@ -288,6 +288,29 @@ def test_row_summary_norms_and_finiteness_equal_the_plain_formulas():
     np.testing.assert_allclose(frame["norm"].to_numpy(), plain, rtol=1e-5)
 
 
+def test_row_summary_reads_shards_of_several_row_groups():
+    """A shard read back holds one chunk per row group (16 MB each, so only large shards have
+    several, never the tiny test shards): the chunks are joined in order, sliced offsets kept."""
+    import pyarrow as pa
+
+    from data_contracts.activations import row_summary
+
+    v = np.random.default_rng(1).standard_normal((50, 4)).astype(np.float32)
+    table = pa.Table.from_arrays(
+        [pa.array(["d"] * 50), pa.array(["train"] * 50), pa.array(np.arange(50, dtype=np.int32)),
+         pa.array(np.zeros(50, np.int32)), pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), 4)],
+        names=["doc_id", "split", "position", "token_id", "activation"],
+    )
+    chunked = pa.concat_tables([table.slice(0, 17), table.slice(17, 20), table.slice(37)])
+    assert chunked.column("activation").num_chunks == 3
+    frame, values = row_summary(chunked)
+    assert np.array_equal(values, v)
+    np.testing.assert_allclose(frame["norm"].to_numpy(), np.linalg.norm(v.astype(np.float64), axis=1), rtol=1e-5)
+    assert frame["position"].tolist() == list(range(50))
+    # one sliced chunk: a view of the values from the slice's offset, not the buffer's start
+    assert np.array_equal(row_summary(table.slice(5, 10))[1], v[5:15])
+
+
 def test_suites_run_from_two_threads_under_one_name_see_their_own_frames():
     """The shard writer thread and the main thread (checking a reused shard) validate under the
     same suite name at once; great-expectations' context shares the batch definition of a
