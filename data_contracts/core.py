@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sae_core.models import file_sha256  # noqa: F401  (re-exported: one definition of a file hash)
+from sae_core.hashing import file_sha256  # noqa: F401  (re-exported: one definition of a file hash)
 
 ARTIFACT_KEY = b"sae_ensembles.artifact"
 
@@ -100,12 +100,28 @@ def write_parquet_atomic(
     return digest
 
 
-def read_parquet(path: Path) -> pa.Table:
-    """The Parquet table at ``path``; an unreadable file is a ContractViolation naming it."""
+def read_parquet(path: Path, schema: pa.Schema | None = None) -> pa.Table:
+    """The Parquet table at ``path``; an unreadable file is a ContractViolation naming it.
+
+    With ``schema``, every column of it must be present with its type (a ContractViolation
+    lists each missing or mistyped column).
+    """
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as err:
         raise ContractViolation(path, [Failure("readable Parquet", f"cannot be read ({err})")]) from err
+    if schema is not None:
+        check_schema(table, schema, path)
+    return table
+
+
+def check_schema(table: pa.Table, schema: pa.Schema, path: str | Path) -> None:
+    """Every column of ``schema`` is in ``table`` with its type; else a ContractViolation listing each."""
+    got = table.schema.remove_metadata()
+    wrong = [f"{f.name}: {got.field(f.name).type if f.name in got.names else 'missing'} (expected {f.type})"
+             for f in schema if f.name not in got.names or got.field(f.name).type != f.type]
+    if wrong:
+        raise ContractViolation(path, [Failure("schema", "; ".join(wrong))])
 
 
 _CONTEXT = None

@@ -21,49 +21,24 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_contracts.core import read_parquet, ContractViolation, Failure, run_suite, write_parquet_atomic
+from data_contracts.core import ContractViolation, Failure, read_parquet, run_suite, write_parquet_atomic
+from sae_core.methods import METHOD_NAMES
+from sae_core.metric_catalog import METRICS
 
 INTRINSIC = "intrinsic_metrics"
 SUMMARY = "metric_summary"
 
-METHODS = ("single", "expanded", "expanded_compute_matched", "bagging", "boosting")
+METHODS = METHOD_NAMES
 
-#: metric -> (min, max) of its values; None = unbounded on that side
-METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "mse": (0.0, None),
-    "explained_variance": (None, 1.0),
-    "explained_variance_total": (None, 1.0),
-    "l0": (0.0, None),
-    "dead_fraction": (0.0, 1.0),
-    "shrinkage_gamma": (None, None),
-    "connectivity": (0.0, 1.0),
-    "diversity": (0.0, None),
-    "diversity_fraction": (0.0, 1.0),
-    "c_dec": (0.0, 1.0),
-    "stability": (0.0, 1.0),
-    "stability_matched": (-1.0, 1.0),
-    "stability_random": (0.0, 1.0),
-    "stability_matched_random": (-1.0, 1.0),
-    "ce_loss_recovered": (None, None),
-    "kl_divergence": (0.0, None),
-    "ce_loss_clean": (0.0, None),
-    "ce_loss_sae": (0.0, None),
-    "ce_loss_zero": (0.0, None),
-}
+#: metric -> (min, max) of its values; None = unbounded on that side (declared in sae_core.metric_catalog)
+METRIC_RANGES: dict[str, tuple[float | None, float | None]] = {m.name: (m.low, m.high) for m in METRICS}
 
 INTRINSIC_SCHEMA = pa.schema(
     [("method", pa.string()), ("n_members", pa.int64()), ("run", pa.int64()), ("metric", pa.string()), ("value", pa.float64())]
 )
 SUMMARY_SCHEMA = pa.schema(
-    [
-        ("method", pa.string()),
-        ("n_members", pa.int64()),
-        ("metric", pa.string()),
-        ("mean", pa.float64()),
-        ("ci_low", pa.float64()),
-        ("ci_high", pa.float64()),
-        ("n_runs", pa.int64()),
-    ]
+    [("method", pa.string()), ("n_members", pa.int64()), ("metric", pa.string()), ("mean", pa.float64()),
+     ("ci_low", pa.float64()), ("ci_high", pa.float64()), ("n_runs", pa.int64())]
 )
 
 
@@ -143,12 +118,7 @@ def write_summary(frame: pd.DataFrame, path: Path) -> str:
 
 
 def _read(path: str | Path, schema: pa.Schema) -> pd.DataFrame:
-    path = Path(path)
-    table = read_parquet(path)
-    wrong = [f"{f.name}: {table.schema.field(f.name).type} (expected {f.type})" for f in schema if f.name in table.schema.names and table.schema.field(f.name).type != f.type]
-    if wrong:
-        raise ContractViolation(path, [Failure("schema types", "; ".join(wrong))])
-    return table.to_pandas()
+    return read_parquet(Path(path), schema).to_pandas()
 
 
 def read_intrinsic(path: str | Path) -> pd.DataFrame:

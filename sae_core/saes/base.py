@@ -2,12 +2,13 @@
 
 Every architecture stores its parameters with a leading *member* axis of size J
 (``n_members``). A single SAE is the J = 1 case; a naive-bagging ensemble trains J
-members side by side as one module. Shapes (d = ``d_in``, k = ``d_sae``, B = tokens):
+members side by side as one module. Shapes (d = ``d_in``, m = ``d_sae``, B = tokens; k, where it appears, is the
+number of active latents of TopK-type SAEs):
 
-    W_enc [J, d, k]   b_enc [J, k]   W_dec [J, k, d] (SAELens orientation)   b_dec [J, d]
+    W_enc [J, d, m]   b_enc [J, m]   W_dec [J, m, d] (SAELens orientation)   b_dec [J, d]
 
-Shape rule of every method: 2-D in, 2-D out (a single SAE: ``[B, d] -> [B, k]``, needs
-J = 1); 3-D in, 3-D out (member stack: ``[J, B, d] -> [J, B, k]``). To feed one batch to
+Shape rule of every method: 2-D in, 2-D out (a single SAE: ``[B, d] -> [B, m]``, needs
+J = 1); 3-D in, 3-D out (member stack: ``[J, B, d] -> [J, B, m]``). To feed one batch to
 all members, pass ``a.expand(J, B, d)``.
 """
 
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from sae_core.config import SAEConfig, TrainConfig
+from sae_core.numerics import NORM_EPS
 
 
 @dataclass
@@ -31,7 +33,7 @@ class LossContext:
     sparsity_coefficient: Tensor  # [J] effective lambda (after warm-up / p-annealing)
     p: float = 1.0  # current sparsity exponent (p-annealing)
     p_next: float | None = None  # next exponent, to record L_p^p norms for the lambda update
-    dead_mask: Tensor | None = None  # [J, k] bool, latents currently counted as dead
+    dead_mask: Tensor | None = None  # [J, m] bool, latents currently counted as dead
     update_statistics: bool = True  # let the loss update running buffers (BatchTopK threshold)
     log_statistics: bool = True  # the step is logged: a loss may skip exact per-step statistics (L0) otherwise
 
@@ -47,7 +49,7 @@ class LossOutput:
     per_member: Tensor  # [J] each member's batch-mean loss (with gradient)
     terms: dict[str, Tensor]  # name -> [J] unweighted per-member batch means (detached)
     reconstruction: Tensor  # [J, B, d]
-    fired: Tensor  # [J, k] bool: latents active on at least one token of the batch
+    fired: Tensor  # [J, m] bool: latents active on at least one token of the batch
     l0: Tensor  # [J] mean number of active latents per token (NaN where ctx.log_statistics was False)
     stats: dict[str, Tensor] = field(default_factory=dict)  # [J] extra statistics
 
@@ -68,7 +70,7 @@ def squared_error(a: Tensor, a_hat: Tensor) -> Tensor:
 
 
 def activity(codes: Tensor) -> tuple[Tensor, Tensor]:
-    """(fired [J, k], l0 [J]) of dense codes [J, B, k], without gradient."""
+    """(fired [J, m], l0 [J]) of dense codes [J, B, m], without gradient."""
     with torch.no_grad():
         active = codes != 0
         return active.any(dim=1), active.sum(-1).float().mean(-1)
@@ -81,13 +83,13 @@ def activity_kwargs(codes: Tensor) -> dict[str, Tensor]:
 
 
 def lp_sparsity(codes: Tensor, decoder_norms: Tensor, p: float) -> Tensor:
-    """Sum over latents of (c_i * ||f_i||)^p, mean over tokens: [J, B, k], [J, k] -> [J].
+    """Sum over latents of (c_i * ||f_i||)^p, mean over tokens: [J, B, m], [J, m] -> [J].
 
     The power is taken only where the code is positive: the gradient of x^p at 0 is
     infinite for p < 1 and would turn into NaN.
     """
     if p == 1.0:
-        # codes are non-negative: Σ_i c_i ||f_i|| as one batched mat-vec, no [J, B, k] temporary
+        # codes are non-negative: Σ_i c_i ||f_i|| as one batched mat-vec, no [J, B, m] temporary
         return torch.bmm(at_least_fp32(codes), at_least_fp32(decoder_norms)[:, :, None]).squeeze(-1).mean(-1)
     weighted = at_least_fp32(codes) * at_least_fp32(decoder_norms)[:, None, :]
     positive = weighted > 0
@@ -99,6 +101,9 @@ class SAE(nn.Module):
     """Base class of all architectures (see the module docstring for shapes)."""
 
     architecture: ClassVar[str]
+    #: how sparsity is set: "k" (active latents per token, SAEConfig.k), "l1" (an L1 penalty
+    #: of weight λ; p-annealing applies) or "l0" (an L0 penalty of weight λ)
+    sparsity: ClassVar[Literal["k", "l1", "l0"]]
     #: names of parameters/buffers beyond W_enc, b_enc, W_dec, b_dec, in saved-file order
     encoder_bias_name: ClassVar[str] = "b_enc"
 
@@ -180,35 +185,35 @@ class SAE(nn.Module):
         return a
 
     def pre_activation(self, a: Tensor) -> Tensor:
-        """W_enc^T (a - b_dec) + b_enc: [J, B, d] -> [J, B, k]."""
+        """W_enc^T (a - b_dec) + b_enc: [J, B, d] -> [J, B, m]."""
         b_enc = getattr(self, self.encoder_bias_name)
-        # bmm + add, not baddbmm: baddbmm's backward with a broadcast bias is ~4x slower on CPU.
+        # bmm + add, not baddbmm: baddbmm's backward with a broadcast bias is several times slower on CPU.
         # The bias is cast to the product's dtype: under bf16 autocast an fp32 bias would
-        # promote the whole [J, B, k] result (and every later pass over it) to fp32.
+        # promote the whole [J, B, m] result (and every later pass over it) to fp32.
         xw = torch.bmm(self.centered_input(a), self.W_enc)
         return xw + b_enc.to(xw.dtype)[:, None, :]
 
     def activation(self, pre: Tensor) -> Tensor:
-        """Inference nonlinearity h: [J, B, k] -> [J, B, k]."""
+        """Inference nonlinearity h: [J, B, m] -> [J, B, m]."""
         raise NotImplementedError
 
     def encode_members(self, a: Tensor) -> Tensor:
-        """Codes of member-stacked input: [J, B, d] -> [J, B, k]."""
+        """Codes of member-stacked input: [J, B, d] -> [J, B, m]."""
         return self.activation(self.pre_activation(a))
 
     def decode_members(self, codes: Tensor) -> Tensor:
-        """W_dec^T c + b_dec: [J, B, k] -> [J, B, d]."""
+        """W_dec^T c + b_dec: [J, B, m] -> [J, B, d]."""
         return torch.bmm(codes, self.W_dec) + self.b_dec[:, None, :]
 
     def encode(self, a: Tensor) -> Tensor:
-        """Codes: [B, d] -> [B, k] (J = 1) or [J, B, d] -> [J, B, k]."""
+        """Codes: [B, d] -> [B, m] (J = 1) or [J, B, d] -> [J, B, m]."""
         self._check_width(a, self.cfg.d_in, "activations")
         x, single = self._members(a)
         c = self.encode_members(x)
         return c[0] if single else c
 
     def decode(self, codes: Tensor) -> Tensor:
-        """Reconstruction: [B, k] -> [B, d] (J = 1) or [J, B, k] -> [J, B, d]."""
+        """Reconstruction: [B, m] -> [B, d] (J = 1) or [J, B, m] -> [J, B, d]."""
         self._check_width(codes, self.cfg.d_sae, "codes")
         c, single = self._members(codes, "codes")
         out = self.decode_members(c)
@@ -224,14 +229,14 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def decoder_norms(self) -> Tensor:
-        """||f_i|| for every decoder row: [J, k]."""
+        """||f_i|| for every decoder row: [J, m]."""
         return self.W_dec.norm(dim=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self, train_cfg: TrainConfig) -> None:
         """Constraints applied after every step (unit-norm decoder rows by default)."""
         if train_cfg.normalize_decoder:
-            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
     @torch.no_grad()
     def project_decoder_gradient(self) -> None:
@@ -243,7 +248,7 @@ class SAE(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         g -= (g * unit).sum(-1, keepdim=True) * unit
 
     # --------------------------------------------------------------- members

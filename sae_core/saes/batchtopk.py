@@ -30,6 +30,8 @@ class BatchTopKSAE(SAE):
     which case every positive pre-activation passes.
     """
 
+    sparsity = "k"
+
     def __init__(self, cfg: SAEConfig, n_members: int = 1) -> None:
         super().__init__(cfg, n_members)
         self.register_buffer("threshold", torch.full((n_members,), -1.0))

@@ -23,6 +23,8 @@ class GatedSAE(SAE):
     uses a detached copy of W_dec and b_dec, so it trains only the gate path.
     """
 
+    sparsity = "l1"
+
     encoder_bias_name = "b_gate"
 
     def __init__(self, cfg: SAEConfig, n_members: int = 1) -> None:
@@ -36,7 +38,7 @@ class GatedSAE(SAE):
         self.b_mag.zero_()
 
     def gate_and_magnitude(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """(π_gate, π_mag), both [J, B, k], from one shared matmul."""
+        """(π_gate, π_mag), both [J, B, m], from one shared matmul."""
         xw = torch.bmm(self.centered_input(a), self.W_enc)
         dt = xw.dtype  # keep bf16 under autocast (see SAE.pre_activation)
         pi_gate = xw + self.b_gate.to(dt)[:, None, :]

@@ -76,8 +76,10 @@ class StepFunction(Function):
 class JumpReLUSAE(SAE):
     """Loss per token: ||a − â||² + λ Σ_i H(z_i − θ_i) (λ = ``sparsity_coefficient``).
 
-    The threshold is a parameter ``threshold`` [J, k] (saved as SAELens does).
+    The threshold is a parameter ``threshold`` [J, m] (saved as SAELens does).
     """
+
+    sparsity = "l0"
 
     def __init__(self, cfg: SAEConfig, n_members: int = 1) -> None:
         super().__init__(cfg, n_members)

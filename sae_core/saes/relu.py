@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_core.numerics import NORM_EPS
 from sae_core.registry import register_architecture
 from sae_core.saes.base import SAE, LossContext, LossOutput, activity_kwargs, lp_sparsity, squared_error
 
@@ -17,12 +18,12 @@ def _compute_dtype() -> torch.dtype:
 
 
 def _count_active(codes: Tensor, block: int = 256) -> Tensor:
-    """Per member and latent, the number of tokens with a positive code: [J, B, k] -> [J, k] fp32.
+    """Per member and latent, the number of tokens with a positive code: [J, B, m] -> [J, m] fp32.
 
     Summed in blocks of 256 tokens so that each partial count is exact even in bf16
     (integers up to 256 are representable), then accumulated in fp32.
     """
-    signs = codes.ceil().clamp_max_(1)  # codes >= 0: 1 where positive; ~3x faster than sign() on bf16
+    signs = codes.ceil().clamp_max_(1)  # codes >= 0: 1 where positive; faster than sign() on bf16
     counts = torch.zeros(codes.shape[0], codes.shape[2])
     for start in range(0, codes.shape[1], block):
         counts += signs[:, start : start + block].sum(1).float()
@@ -37,7 +38,7 @@ class _FusedReLUStep(torch.autograd.Function):
 
     What makes it lean, compared with autograd over the same formulas:
 
-    * dtypes are chosen, not promoted: the five products and every pass over the [J, B, k]
+    * dtypes are chosen, not promoted: the five products and every pass over the [J, B, m]
       codes run in the compute dtype (bf16 under autocast; the encoder bias is added in
       that dtype, where autograd would promote the whole code matrix to fp32), while
       everything of width d (the error, the loss, b_dec) and all reductions stay fp32;
@@ -61,15 +62,15 @@ class _FusedReLUStep(torch.autograd.Function):
             xc = (x - b_dec[:, None, :]) if centre else x
             xc_c = xc.to(dtype)
             W_enc_c, W_dec_c = W_enc.to(dtype), W_dec.to(dtype)
-            codes = torch.baddbmm(b_enc.to(dtype)[:, None, :], xc_c, W_enc_c).relu_()  # [J, B, k]
+            codes = torch.baddbmm(b_enc.to(dtype)[:, None, :], xc_c, W_enc_c).relu_()  # [J, B, m]
             recon = torch.bmm(codes, W_dec_c).float().add_(b_dec[:, None, :])
             err = recon - x
             mse = err.pow(2).sum(-1).mean(-1)
             # reductions over the batch in the codes' dtype (fp32 accumulation inside, one
             # rounding at the end): sum(..., dtype=float32) would first copy the whole
-            # [J, B, k] matrix to fp32, and count_nonzero is ~10x slower than this
-            col_sums = codes.sum(1).float()  # [J, k]
-            norms = W_dec.norm(dim=-1)  # [J, k]
+            # [J, B, m] matrix to fp32, and count_nonzero is much slower than this
+            col_sums = codes.sum(1).float()  # [J, m]
+            norms = W_dec.norm(dim=-1)  # [J, m]
             sparsity = (col_sums * norms).sum(-1) / B
             # exact L0 costs a pass over the codes: only on logged steps
             l0 = _count_active(codes).sum(-1) / B if log_statistics else torch.full((J,), float("nan"))
@@ -87,15 +88,15 @@ class _FusedReLUStep(torch.autograd.Function):
         g_sparsity = torch.zeros(J) if g_sparsity is None else g_sparsity.float()
         d_recon = err * (2.0 / B * g_mse)[:, None, None]  # [J, B, d] fp32
         d_recon_c = d_recon.to(dtype)
-        d_W_dec = torch.bmm(codes.transpose(1, 2), d_recon_c).float()  # [J, k, d]
+        d_W_dec = torch.bmm(codes.transpose(1, 2), d_recon_c).float()  # [J, m, d]
         # ||f_i|| term of the sparsity: d/dW_dec[i] of (Σ_t c_ti / B) ||f_i||
-        safe = norms.clamp_min(1e-12)
+        safe = norms.clamp_min(NORM_EPS)
         d_W_dec += (g_sparsity[:, None] * col_sums / B / safe)[:, :, None] * W_dec
-        d_codes = torch.bmm(d_recon_c, W_dec_c.transpose(1, 2))  # [J, B, k]
+        d_codes = torch.bmm(d_recon_c, W_dec_c.transpose(1, 2))  # [J, B, m]
         d_codes += (g_sparsity[:, None] * norms / B).to(dtype)[:, None, :]
         d_pre = torch.ops.aten.threshold_backward(d_codes, codes, 0)  # zero where the unit is off
         d_b_enc = d_pre.sum(1).float()
-        d_W_enc = torch.bmm(xc_c.transpose(1, 2), d_pre).float()  # [J, d, k]
+        d_W_enc = torch.bmm(xc_c.transpose(1, 2), d_pre).float()  # [J, d, m]
         d_b_dec = d_recon.sum(1)
         if ctx.centre:
             d_b_dec -= torch.bmm(W_enc, d_b_enc[:, :, None]).squeeze(-1)
@@ -113,6 +114,8 @@ class ReLUSAE(SAE):
     Loss per token: ||a - â||² + λ Σ_i (c_i ||f_i||)^p, with p = 1 unless p-annealing is on.
     Weighting by ||f_i|| keeps the penalty meaningful when decoder rows are not unit norm.
     """
+
+    sparsity = "l1"
 
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)

@@ -33,7 +33,7 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
 
     The fast twin of ``decode_members(scatter(values))``: one ``embedding_bag`` over the
     member-offset rows of W_dec reads m rows per token instead of multiplying a dense
-    [B, k] code matrix, in the forward pass and in both backward products (the
+    [B, m] code matrix, in the forward pass and in both backward products (the
     gradient of W_dec is accumulated only into the rows that were used).
     """
     J, k, d = W_dec.shape
@@ -78,7 +78,7 @@ class _SelectedPreActivations(torch.autograd.Function):
         d_W_enc = None
         if ctx.needs_input_grad[3]:
             xc = (x - b_dec[:, None, :]) if ctx.centre else x
-            # int32 keys: torch sorts them with a radix sort, ~50x faster than int64 here
+            # int32 keys: torch sorts them with a radix sort, far faster than int64 keys
             order = flat.to(torch.int32).argsort()
             counts = torch.bincount(flat, minlength=J * k)
             bag_starts = (counts.cumsum(0) - counts).to(torch.int32)
@@ -88,7 +88,7 @@ class _SelectedPreActivations(torch.autograd.Function):
                 bag_starts,
                 mode="sum",
                 per_sample_weights=g[order],
-            )  # [J·k, d]: row i = Σ g · x_c over the tokens that selected latent i
+            )  # [J·m, d]: row i = Σ g · x_c over the tokens that selected latent i
             d_W_enc = rows.view(J, k, d).transpose(1, 2)
 
         d_x = None
@@ -108,7 +108,7 @@ def selected_pre_activations(
 ) -> Tensor:
     """The pre-activations at ``indices`` ([J, B, m]) with the sparse backward above.
 
-    pre: the dense pre-activations [J, B, k] computed without a graph (any dtype; the
+    pre: the dense pre-activations [J, B, m] computed without a graph (any dtype; the
     result is in W_enc's dtype). x: the input [J, B, d]; ``centre`` says whether the
     encoder sees x − b_dec (``apply_b_dec_to_input``).
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_core.numerics import NORM_EPS
 from sae_core.registry import register_architecture
 from sae_core.saes.base import SAE, LossContext, LossOutput, squared_error
 from sae_core.saes.sparse import selected_pre_activations, sparse_decode
@@ -19,14 +20,14 @@ def topk_codes(pre: Tensor, k: int) -> Tensor:
 def _auxk_scale(residual: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
     """(min(n_dead / k_aux, 1), mean_t ||e - mean(e)||²) per member: [J], [J]."""
     centered = residual.float() - residual.float().mean(1, keepdim=True)
-    denom = centered.pow(2).sum(-1).mean(-1).clamp_min(1e-12)
+    denom = centered.pow(2).sum(-1).mean(-1).clamp_min(NORM_EPS)
     return (dead_mask.sum(-1).float() / k_aux).clamp(max=1.0), denom
 
 
 def auxk_loss(sae: SAE, pre: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int) -> Tensor:
     """AuxK: reconstruct the detached residual from the top ``aux_k`` dead latents.
 
-    pre [J, B, k], residual = (a - â) detached [J, B, d], dead_mask [J, k] -> [J].
+    pre [J, B, m], residual = (a - â) detached [J, B, d], dead_mask [J, m] -> [J].
     Per member: min(n_dead / aux_k, 1) · mean_t ||e - ê||² / mean_t ||e - mean(e)||²,
     with ê = z_aux W_dec (no bias). Normalising by the residual's variance (as OpenAI's
     reference does) makes the coefficient independent of the activation scale.
@@ -76,14 +77,16 @@ class TopKSAE(SAE):
     Loss: ||a - â||² + α · AuxK (α = ``aux_coefficient``, default 1/32).
     """
 
+    sparsity = "k"
+
     def activation(self, pre: Tensor) -> Tensor:
         assert self.cfg.k is not None
         return topk_codes(pre, self.cfg.k)
 
     #: The sparse kernels pay off only when few latents are active: gathering m rows per
     #: token (embedding_bag, fp32) costs more per multiply-add than a dense bf16 product.
-    #: Measured here (2 cores, bf16): 1-2% active -> 1.1-2.2x faster than dense, 4% -> about
-    #: even, 8% -> 0.9x. Above this fraction of active latents the dense step runs.
+    #: Above this fraction of active latents the dense step runs (the break-even point
+    #: measured with bench_training.py; README, "Measurements behind design choices").
     sparse_max_fraction: float = 1 / 32
 
     def _sparse_pays(self, m: int) -> bool:
@@ -104,7 +107,7 @@ class TopKSAE(SAE):
         if ctx.train_cfg.fast_paths and self._sparse_pays(self.cfg.k):
             with torch.no_grad():
                 # the bias is added in place, in the product's dtype: under bf16 autocast an
-                # out-of-place add would promote the whole [J, B, k] tensor to fp32
+                # out-of-place add would promote the whole [J, B, m] tensor to fp32
                 pre = torch.bmm(self.centered_input(a), self.W_enc)
                 pre += self.b_enc.to(pre.dtype)[:, None, :]
                 indices = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
