@@ -2,30 +2,101 @@
 
 An :class:`Ensemble` of J members with weights α reconstructs ĝ(a) = Σ_j α_j g_j(a_j),
 where a_j is member j's input (a for bagging; the residual left by the earlier stages for
-boosting). It is itself an SAE with kJ latents (the paper's Proposition 1):
+boosting). It is itself an SAE with J·m latents (m = d_sae per member) (the paper's Proposition 1):
 
-    codes    c = [α_1 c^(1); …; α_J c^(J)]                    [B, kJ]
-    W_dec      = rows of W_dec^(1), …, W_dec^(J) stacked       [kJ, d]
+    codes    c = [α_1 c^(1); …; α_J c^(J)]                    [B, mJ]
+    W_dec      = rows of W_dec^(1), …, W_dec^(J) stacked       [mJ, d]
     b_dec      = Σ_j α_j b_dec^(j)                              [d]
     decode(encode(a)) == forward(a)
 
-``W_dec`` keeps the SAELens orientation (one row per latent, [kJ, d]); the paper writes
-the same matrix as d × kJ. A single SAE is an ensemble with J = 1 and α = 1, so every
+``W_dec`` keeps the SAELens orientation (one row per latent, [mJ, d]); the paper writes
+the same matrix as d × mJ. A single SAE is an ensemble with J = 1 and α = 1, so every
 consumer (metrics, probing, SCR, export) takes an :class:`Ensemble`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from sae_core.config import SAEConfig
+from sae_core.methods import ENSEMBLE_KINDS
 from sae_core.saes.base import SAE
 
-EnsembleMethod = Literal["single", "expanded", "bagging", "boosting"]
-METHODS: tuple[str, ...] = ("single", "expanded", "bagging", "boosting")
+EnsembleKind = Literal["single", "expanded", "bagging", "boosting"]
+
+
+@dataclass(frozen=True)
+class ExpandedMatch:
+    """How an expanded SAE matches a J-member ensemble: width J·d_sae, sparsity, steps."""
+
+    n_members_matched: int
+    d_sae: int
+    k: int | None
+    sparsity: str
+    compute_matched: bool
+    n_steps: int
+
+
+@dataclass(frozen=True)
+class EnsembleInfo:
+    """How an ensemble was made; saved in ``ensemble.json`` under "info".
+
+    The trainer fills what it knows (seeds, bootstrap, the expanded match); the training
+    stage adds where the model comes from (source), the fingerprint of what it was trained
+    from, its run, method and the number of train tokens. Unset fields are not written.
+    """
+
+    expanded: ExpandedMatch | None = None
+    seeds: tuple[int, ...] | None = None
+    bootstrap: bool | None = None
+    source: str | None = None
+    fingerprint: str | None = None
+    run: int | None = None
+    method: str | None = None
+    train_tokens: int | None = None
+    prefix_of: int | None = None
+
+    def updated(self, **changes: Any) -> "EnsembleInfo":
+        """A copy with ``changes`` applied (the record itself is immutable)."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ensemble.json: the expanded match's fields inline, then the set fields in order."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, ExpandedMatch):
+                out.update(asdict(value))
+            elif isinstance(value, tuple):
+                out[f.name] = list(value)
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "EnsembleInfo":
+        """Parse what :meth:`to_json` wrote; an unknown key is an error naming it."""
+        data = dict(data)
+        expanded_keys = [f.name for f in fields(ExpandedMatch)]
+        expanded = None
+        if any(k in data for k in expanded_keys):
+            missing = [k for k in expanded_keys if k not in data]
+            if missing:
+                raise ValueError(f"ensemble info has an incomplete expanded match: {missing} missing")
+            expanded = ExpandedMatch(**{k: data.pop(k) for k in expanded_keys})
+        known = {f.name for f in fields(cls)} - {"expanded"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ensemble info has unknown keys {unknown}; known: {sorted(known | set(expanded_keys))}")
+        if data.get("seeds") is not None:
+            data["seeds"] = tuple(data["seeds"])
+        return cls(expanded=expanded, **data)
 
 
 class Ensemble(torch.nn.Module):
@@ -37,10 +108,10 @@ class Ensemble(torch.nn.Module):
     alpha: [J] weights; default from the method.
     """
 
-    def __init__(self, members: SAE, method: EnsembleMethod, alpha: Tensor | None = None) -> None:
+    def __init__(self, members: SAE, method: EnsembleKind, alpha: Tensor | None = None) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown ensemble method {method!r}; use one of {', '.join(METHODS)}")
+        if method not in ENSEMBLE_KINDS:
+            raise ValueError(f"unknown ensemble method {method!r}; use one of {', '.join(ENSEMBLE_KINDS)}")
         J = members.n_members
         if method in ("single", "expanded") and J != 1:
             raise ValueError(f"a {method} SAE has exactly one member, got {J}")
@@ -53,7 +124,7 @@ class Ensemble(torch.nn.Module):
         self.method = method
         self.register_buffer("alpha", alpha.clone())
         #: how it was trained (seeds, sparsity matching, ...); saved in ensemble.json
-        self.info: dict = {}
+        self.info = EnsembleInfo()
 
     # ------------------------------------------------------------- properties
     @property
@@ -86,7 +157,7 @@ class Ensemble(torch.nn.Module):
 
     @property
     def W_dec(self) -> Tensor:
-        """Concatenated dictionary, one row per latent in member order: [kJ, d]."""
+        """Concatenated dictionary, one row per latent in member order: [mJ, d]."""
         return self.members.W_dec.reshape(self.d_sae, self.d_in)
 
     @property
@@ -99,7 +170,7 @@ class Ensemble(torch.nn.Module):
         return self.members.member(j)
 
     def latent_member(self) -> Tensor:
-        """Member index of each latent of the concatenated view: [kJ]."""
+        """Member index of each latent of the concatenated view: [mJ]."""
         return torch.arange(self.n_members).repeat_interleave(self.members.cfg.d_sae)
 
     # -------------------------------------------------------------- inference
@@ -108,7 +179,7 @@ class Ensemble(torch.nn.Module):
             raise ValueError(f"{what} must be [B, {width}] for this ensemble; got shape {tuple(x.shape)}")
 
     def member_codes(self, a: Tensor) -> Tensor:
-        """Each member's own codes (without α): [B, d] -> [J, B, k].
+        """Each member's own codes (without α): [B, d] -> [J, B, m].
 
         Bagging: every member encodes a. Boosting: member j encodes the residual
         r_j = a − Σ_{l<j} g_l(r_l), computed sequentially.
@@ -119,7 +190,7 @@ class Ensemble(torch.nn.Module):
         return self.member_codes_and_outputs(a)[0]
 
     def member_codes_and_outputs(self, a: Tensor) -> tuple[Tensor, Tensor]:
-        """Each member's codes and output g_j(a_j) (without α): [B, d] -> ([J, B, k], [J, B, d]).
+        """Each member's codes and output g_j(a_j) (without α): [B, d] -> ([J, B, m], [J, B, d]).
 
         The reconstruction of the first-n-member ensemble is Σ_{j<n} prefix_alpha(n)_j out_j,
         so one call serves every prefix (what the evaluation does).
@@ -139,18 +210,18 @@ class Ensemble(torch.nn.Module):
         return torch.stack(codes), torch.stack(outs)
 
     def _stage(self, j: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(codes [B, k], output [B, d]) of member j alone on input x [B, d]."""
+        """(codes [B, m], output [B, d]) of member j alone on input x [B, d]."""
         view = self.members.member_view(j)
         c = view.encode_members(x.unsqueeze(0))
         return c[0], view.decode_members(c)[0]
 
     def encode(self, a: Tensor) -> Tensor:
-        """Concatenated codes [α_1 c^(1); …; α_J c^(J)]: [B, d] -> [B, kJ]."""
+        """Concatenated codes [α_1 c^(1); …; α_J c^(J)]: [B, d] -> [B, mJ]."""
         codes = self.member_codes(a) * self.alpha[:, None, None].to(a.dtype)
         return codes.permute(1, 0, 2).reshape(a.shape[0], self.d_sae)
 
     def decode(self, codes: Tensor) -> Tensor:
-        """codes W_dec + b_dec: [B, kJ] -> [B, d]."""
+        """codes W_dec + b_dec: [B, mJ] -> [B, d]."""
         self._check(codes, self.d_sae, "codes")
         return codes @ self.W_dec + self.b_dec
 
@@ -182,5 +253,5 @@ class Ensemble(torch.nn.Module):
             raise ValueError(f"prefix size must be in 1..{self.n_members}, got {n}")
         stacked = type(self.members).stack([self.members.member(j) for j in range(n)])
         out = Ensemble(stacked, self.method, self.prefix_alpha(n))
-        out.info = {**self.info, "prefix_of": self.n_members}
+        out.info = self.info.updated(prefix_of=self.n_members)
         return out

@@ -149,7 +149,7 @@ def save_ensemble(ensemble: "Ensemble", directory: str | Path) -> Path:
         "architecture": ensemble.member_cfg.architecture,
         "d_in": ensemble.d_in,
         "d_sae_per_member": ensemble.member_cfg.d_sae,
-        "info": ensemble.info,
+        "info": ensemble.info.to_json(),
         "format_version": FORMAT_VERSION,
     }
     with atomic_directory(directory) as tmp:
@@ -192,6 +192,11 @@ def load_ensemble(directory: str | Path) -> "Ensemble":
             raise ValueError(f"member {n} of {directory} has config {m.cfg}, unlike {names[0]} ({members[0].cfg})")
     stacked = type(members[0]).stack(members)
     ensemble = Ensemble(stacked, method, torch.tensor(alpha, dtype=torch.float32))
-    ensemble.info = meta.get("info", {})
+    from sae_core.ensemble import EnsembleInfo
+
+    try:
+        ensemble.info = EnsembleInfo.from_json(meta.get("info", {}))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid 'info' ({err}); re-save or retrain the ensemble") from err
     ensemble.eval()
     return ensemble

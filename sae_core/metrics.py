@@ -1,15 +1,75 @@
-"""Reconstruction metrics of SPEC §6 (one definition each; shapes in the docstrings).
+"""The metrics of SPEC §6, one definition each (shapes in the docstrings).
 
-All take activations ``a`` and reconstructions ``a_hat`` of shape [T, d] (or codes
-[T, m]) and return Python floats; they accumulate in float64.
+Reconstruction metrics are functions of *sufficient statistics*: sums over tokens that
+are accumulated batch by batch and merged (:class:`TargetSums` of the activations,
+:class:`ErrorSums` of one reconstruction). The in-memory functions (``mse(a, a_hat)``,
+…) compute the same sums from one batch and call the same formula, so the streaming
+evaluation (:mod:`sae_core.evaluation`) and a direct call cannot drift apart. Sums are
+float64; results are Python floats.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor
+
+from sae_core.numerics import NORM_EPS
+
+
+
+# ------------------------------------------------------------ sufficient statistics
+@dataclass
+class TargetSums:
+    """Sums over the tokens of the activations a [T, d]: T, Σ_t a_t [d], Σ_t a_t² [d] (float64)."""
+
+    n_tokens: int
+    sum_a: Tensor
+    sum_a2: Tensor
+
+    @classmethod
+    def zeros(cls, d: int) -> "TargetSums":
+        return cls(0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64))
+
+    def add(self, a64: Tensor) -> None:
+        """Accumulate a batch [B, d] (already float64)."""
+        self.n_tokens += a64.shape[0]
+        self.sum_a += a64.sum(0)
+        self.sum_a2 += a64.pow(2).sum(0)
+
+    def merge(self, other: "TargetSums") -> "TargetSums":
+        return TargetSums(self.n_tokens + other.n_tokens, self.sum_a + other.sum_a, self.sum_a2 + other.sum_a2)
+
+    def variance_sums(self) -> Tensor:
+        """Σ_t (a − μ)² per dimension: [d]."""
+        return self.sum_a2 - self.sum_a.pow(2) / self.n_tokens
+
+
+@dataclass
+class ErrorSums:
+    """Sums over the tokens of one reconstruction â of a: Σ_t (a − â)² per dimension [d],
+    Σ_t ‖â_t‖², Σ_t a_t·â_t and Σ_t L0_t (float64)."""
+
+    err: Tensor
+    recon_sq: float = 0.0
+    cross: float = 0.0
+    active: float = 0.0
+
+    @classmethod
+    def zeros(cls, d: int) -> "ErrorSums":
+        return cls(torch.zeros(d, dtype=torch.float64))
+
+    def add(self, a64: Tensor, recon64: Tensor, active: float = 0.0) -> None:
+        """Accumulate a batch: a and â [B, d] (float64), and the batch's Σ_t L0_t."""
+        self.err += (a64 - recon64).pow(2).sum(0)
+        self.recon_sq += float(recon64.pow(2).sum())
+        self.cross += float((a64 * recon64).sum())
+        self.active += active
+
+    def merge(self, other: "ErrorSums") -> "ErrorSums":
+        return ErrorSums(self.err + other.err, self.recon_sq + other.recon_sq, self.cross + other.cross, self.active + other.active)
 
 
 def _check_pair(a: Tensor, a_hat: Tensor) -> None:
@@ -17,36 +77,69 @@ def _check_pair(a: Tensor, a_hat: Tensor) -> None:
         raise ValueError(f"a and a_hat must both be [T, d]; got {tuple(a.shape)} and {tuple(a_hat.shape)}")
 
 
-def mse(a: Tensor, a_hat: Tensor) -> float:
-    """Mean over tokens of Σ_dims (a − â)²: the paper's MSE (not divided by d)."""
+def sums_of(a: Tensor, a_hat: Tensor) -> tuple[TargetSums, ErrorSums]:
+    """The sufficient statistics of one in-memory pair a, â [T, d]."""
     _check_pair(a, a_hat)
-    return float((a.double() - a_hat.double()).pow(2).sum(1).mean())
+    a64, r64 = a.double(), a_hat.double()
+    targets, errors = TargetSums.zeros(a.shape[1]), ErrorSums.zeros(a.shape[1])
+    targets.add(a64)
+    errors.add(a64, r64)
+    return targets, errors
 
 
-def explained_variance(a: Tensor, a_hat: Tensor) -> float:
+# ------------------------------------------------------------ reconstruction metrics
+def mse_from(targets: TargetSums, errors: ErrorSums) -> float:
+    """Mean over tokens of Σ_dims (a − â)²: the paper's MSE (not divided by d)."""
+    return float(errors.err.sum()) / targets.n_tokens
+
+
+def explained_variance_from(targets: TargetSums, errors: ErrorSums) -> float:
     """Mean over dims m of 1 − Σ_t (a − â)²_m / Σ_t (a − μ)²_m (the paper's, per dimension).
 
     Dimensions with zero variance over the tokens are left out of the mean (their ratio is
     undefined); if every dimension is constant the result is NaN.
     """
-    _check_pair(a, a_hat)
-    a64, r64 = a.double(), a_hat.double()
-    err = (a64 - r64).pow(2).sum(0)
-    var = (a64 - a64.mean(0)).pow(2).sum(0)
+    var = targets.variance_sums()
     keep = var > 0
     if not bool(keep.any()):
         return float("nan")
-    return float((1 - err[keep] / var[keep]).mean())
+    return float((1 - errors.err[keep] / var[keep]).mean())
+
+
+def explained_variance_total_from(targets: TargetSums, errors: ErrorSums) -> float:
+    """1 − Σ (a − â)² / Σ (a − μ)² over all entries (= 1 − FVU)."""
+    total = float(targets.variance_sums().sum())
+    return 1 - float(errors.err.sum()) / total if total > 0 else float("nan")
+
+
+def l0_from(targets: TargetSums, errors: ErrorSums) -> float:
+    """Mean number of non-zero codes per token (an ensemble's: the sum over its members)."""
+    return errors.active / targets.n_tokens
+
+
+def shrinkage_gamma_from(errors: ErrorSums) -> float:
+    """γ = E‖â‖² / E[a·â] (relative reconstruction bias; < 1 means shrinkage)."""
+    return errors.recon_sq / errors.cross if errors.cross != 0 else float("nan")
+
+
+def mse(a: Tensor, a_hat: Tensor) -> float:
+    """:func:`mse_from` of one in-memory pair a, â [T, d]."""
+    return mse_from(*sums_of(a, a_hat))
+
+
+def explained_variance(a: Tensor, a_hat: Tensor) -> float:
+    """:func:`explained_variance_from` of one in-memory pair a, â [T, d]."""
+    return explained_variance_from(*sums_of(a, a_hat))
 
 
 def explained_variance_total(a: Tensor, a_hat: Tensor) -> float:
-    """1 − Σ (a − â)² / Σ (a − μ)² over all entries (= 1 − FVU)."""
-    _check_pair(a, a_hat)
-    a64, r64 = a.double(), a_hat.double()
-    var = (a64 - a64.mean(0)).pow(2).sum()
-    if float(var) == 0.0:
-        return float("nan")
-    return float(1 - (a64 - r64).pow(2).sum() / var)
+    """:func:`explained_variance_total_from` of one in-memory pair a, â [T, d]."""
+    return explained_variance_total_from(*sums_of(a, a_hat))
+
+
+def shrinkage_gamma(a: Tensor, a_hat: Tensor) -> float:
+    """:func:`shrinkage_gamma_from` of one in-memory pair a, â [T, d]."""
+    return shrinkage_gamma_from(sums_of(a, a_hat)[1])
 
 
 def l0(codes: Tensor) -> float:
@@ -54,16 +147,6 @@ def l0(codes: Tensor) -> float:
     if codes.ndim != 2:
         raise ValueError(f"codes must be [T, m]; got {tuple(codes.shape)}")
     return float((codes != 0).sum(1).double().mean())
-
-
-def shrinkage_gamma(a: Tensor, a_hat: Tensor) -> float:
-    """γ = E‖â‖² / E[a·â] (relative reconstruction bias; < 1 means shrinkage). [T, d] each."""
-    _check_pair(a, a_hat)
-    a64, r64 = a.double(), a_hat.double()
-    cross = float((a64 * r64).sum())
-    if cross == 0.0:
-        return float("nan")
-    return float(r64.pow(2).sum()) / cross
 
 
 def dead_fraction(fired: Tensor) -> float:
@@ -81,7 +164,7 @@ def dead_fraction(fired: Tensor) -> float:
 def unit_rows(W: Tensor) -> Tensor:
     """Rows scaled to unit norm (all-zero rows stay zero): [m, d] -> [m, d] float32."""
     W = W.detach().float()
-    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return W / W.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def max_cosine_to(W: Tensor, others: Tensor, chunk: int = 4096) -> Tensor:
@@ -123,8 +206,8 @@ def mutual_max_cosines(W: Tensor, others: Tensor, chunk: int = 1024, bf16: bool 
     n × m cosines (in row blocks of ``chunk``; memory chunk × m): W [n, d], others [m, d]
     -> ([n] for the rows of W, [m] for the rows of others).
 
-    bf16: the block products and the max reductions run in bf16 (about 4× the fp32 matmul
-    rate on CPUs with AVX-512 bf16, and half the memory traffic); each value is then within
+    bf16: the block products and the max reductions run in bf16 (a higher matmul rate on
+    CPUs with AVX-512 bf16, and half the memory traffic); each value is then within
     bf16 rounding of the fp32 one (|error| < 1e-2, tested; typically ~2e-3).
     """
     U, V = unit_rows(W), unit_rows(others)
@@ -134,7 +217,7 @@ def mutual_max_cosines(W: Tensor, others: Tensor, chunk: int = 1024, bf16: bool 
     cols = torch.full((V.shape[0],), -float("inf"))
     for i in range(0, U.shape[0], chunk):
         block = U[i : i + chunk] @ V.T
-        # amax, not max: the index-returning reductions are ~10x slower along dim 0
+        # amax, not max: the index-returning reductions are much slower along dim 0
         rows[i : i + chunk] = block.amax(dim=1).float()
         cols = torch.maximum(cols, block.amax(dim=0).float())
     return rows, cols
@@ -212,7 +295,7 @@ def connectivity_of_prefixes(tok: Tensor, lat: Tensor, n_tokens: int, sizes: lis
     """Connectivity of the first ``s`` latents, for every s in ``sizes``, in one pass.
 
     tok, lat [nnz]: token and latent index of every non-zero code (:func:`active_sets`).
-    The J-member prefix of an ensemble is the first J·k latents of its concatenated view,
+    The J-member prefix of an ensemble is the first J·d_sae latents of its concatenated view,
     so one pass over the full ensemble's active sets gives every prefix.
 
     HᵀH is never formed, not even sparsely: the latents are cut into intervals at every

@@ -43,16 +43,16 @@ def test_streaming_prefix_metrics_equal_the_explicit_prefix_ensembles(ensemble, 
             "connectivity": metrics.connectivity(codes),
         }
         for name, value in expected.items():
-            assert got[n][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (n, name)
+            assert getattr(got[n], name) == pytest.approx(value, rel=1e-4, abs=1e-6), (n, name)
     # TopK members: L0 of the n-member ensemble is at most n·k, and usually exactly that
-    assert got[3]["l0"] <= 9 + 1e-9 and got[3]["l0"] > got[1]["l0"]
+    assert got[3].l0 <= 9 + 1e-9 and got[3].l0 > got[1].l0
 
 
 def test_boosting_prefixes_do_not_lose_reconstruction(data):
     cfg = SAEConfig(architecture="topk", d_in=16, d_sae=24, k=3)
     ens = train_boosting(cfg, data, TrainConfig(n_steps=60, batch_size=64, lr=3e-3), n_members=3).ensemble
     got = prefix_reconstruction_metrics(ens, [data])
-    assert got[1]["mse"] > got[2]["mse"] > got[3]["mse"]
+    assert got[1].mse > got[2].mse > got[3].mse
 
 
 def test_prefix_metrics_reject_bad_input(ensemble, data):

@@ -10,13 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from sae_core import SAEConfig, TrainConfig, build_sae, load_sae, save_sae, train_sae
 from sae_core.synthetic import make_sparse_dictionary_data
+from sae_core.registry import architectures, uses_k
 
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
+ARCHS = architectures()  # every registered architecture: a new file in sae_core/saes/ is tested here too
 
 
 def trained(arch: str, n_members: int = 1):
     data = make_sparse_dictionary_data(n_features=32, d=8, n_samples=512, seed=0).activations
-    cfg = SAEConfig(architecture=arch, d_in=8, d_sae=24, **({"k": 2} if arch in ("topk", "batchtopk") else {}))
+    cfg = SAEConfig(architecture=arch, d_in=8, d_sae=24, **({"k": 2} if uses_k(arch) else {}))
     tcfg = TrainConfig(n_steps=10, batch_size=64, lr=1e-2, sparsity_coefficient=0.1)
     return train_sae(cfg, data, tcfg, member_seeds=list(range(n_members))).sae, data
 
@@ -118,7 +119,7 @@ def test_unknown_architecture_lists_known_ones():
 def test_config_rejects_unknown_keys_and_bad_k():
     with pytest.raises(ValueError, match="needs k"):
         SAEConfig(architecture="topk", d_in=4, d_sae=8)
-    with pytest.raises(ValueError, match="only meaningful for topk/batchtopk"):
+    with pytest.raises(ValueError, match="only meaningful for architectures that keep k active latents"):
         SAEConfig(architecture="relu", d_in=4, d_sae=8, k=2)
     with pytest.raises(ValueError, match="exceeds d_sae"):
         SAEConfig(architecture="topk", d_in=4, d_sae=8, k=9)

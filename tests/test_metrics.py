@@ -50,6 +50,27 @@ def test_shape_errors_name_the_shapes():
         metrics.mse(A, A_HAT[:, :2])
 
 
+def test_sufficient_statistics_by_hand_and_merged_batches_equal_one_batch():
+    targets, errors = metrics.sums_of(A, A_HAT)
+    # T = 2; Σa = [4, 0, 4], Σa² = [10, 0, 8]; errors per dim [0.25 + 1, 0 + 1, 0]
+    assert targets.n_tokens == 2
+    assert targets.sum_a.tolist() == [4.0, 0.0, 4.0] and targets.sum_a2.tolist() == [10.0, 0.0, 8.0]
+    assert targets.variance_sums().tolist() == [2.0, 0.0, 0.0]  # 10 - 16/2, 0, 8 - 16/2
+    assert errors.err.tolist() == [1.25, 1.0, 0.0]
+    # Σ‖â‖² = (2.25 + 4) + (4 + 1 + 4) = 15.25; Σ a·â = (1.5 + 4) + (6 + 4) = 15.5
+    assert errors.recon_sq == 15.25 and errors.cross == 15.5
+    # batch by batch, then merged: the same sums, hence the same metrics
+    (t0, e0), (t1, e1) = metrics.sums_of(A[:1], A_HAT[:1]), metrics.sums_of(A[1:], A_HAT[1:])
+    t, e = t0.merge(t1), e0.merge(e1)
+    assert t.n_tokens == 2 and torch.equal(t.sum_a, targets.sum_a) and torch.equal(t.sum_a2, targets.sum_a2)
+    assert torch.equal(e.err, errors.err) and (e.recon_sq, e.cross) == (errors.recon_sq, errors.cross)
+    assert metrics.mse_from(t, e) == 1.125 and metrics.explained_variance_from(t, e) == 0.375
+    assert metrics.shrinkage_gamma_from(e) == 15.25 / 15.5
+    # L0 from accumulated active counts: 3 and 5 active codes over 2 tokens
+    e.add(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64), active=8.0)
+    assert metrics.l0_from(t, e) == 4.0
+
+
 # ----------------------------------------------------- bias, dead latents, dictionaries
 def test_shrinkage_gamma_by_hand():
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])

@@ -9,8 +9,9 @@ from sae_core import PAnnealConfig, SAEConfig, TrainConfig, train_sae
 from sae_core.init import geometric_median, initial_b_dec
 from sae_core.synthetic import make_sparse_dictionary_data
 from sae_core.training.schedules import PAnnealer, lr_multiplier, sparsity_warmup_multiplier
+from sae_core.registry import architectures, uses_k
 
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated"]
+ARCHS = architectures()  # every registered architecture: a new file in sae_core/saes/ is tested here too
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def data() -> torch.Tensor:
 
 
 def small_cfg(arch: str) -> SAEConfig:
-    return SAEConfig(architecture=arch, d_in=16, d_sae=48, **({"k": 3} if arch in ("topk", "batchtopk") else {}))
+    return SAEConfig(architecture=arch, d_in=16, d_sae=48, **({"k": 3} if uses_k(arch) else {}))
 
 
 def small_train(arch: str, **kw) -> TrainConfig:
@@ -150,14 +151,14 @@ def test_corrupt_checkpoint_is_reported(data, tmp_path):
 def test_dead_latents_trigger_auxk(data):
     cfg = SAEConfig(architecture="topk", d_in=16, d_sae=256, k=1)  # 256 latents, 128 firings a batch
     result = train_sae(cfg, data, small_train("topk", n_steps=16, log_every=1, dead_tokens_threshold=128))
-    aux = [h["auxk"][0] for h in result.history]
+    aux = [h.terms["auxk"][0] for h in result.history]
     assert aux[0] == 0.0  # nothing can be dead before dead_tokens_threshold tokens have passed
     assert max(aux) > 0.0
 
 
 def test_bf16_autocast_trains_close_to_fp32(data):
-    fp32 = train_sae(small_cfg("topk"), data, small_train("topk", n_steps=60)).history[-1]["mse"][0]
-    bf16 = train_sae(small_cfg("topk"), data, small_train("topk", n_steps=60, autocast_bf16=True)).history[-1]["mse"][0]
+    fp32 = train_sae(small_cfg("topk"), data, small_train("topk", n_steps=60)).history[-1].terms["mse"][0]
+    bf16 = train_sae(small_cfg("topk"), data, small_train("topk", n_steps=60, autocast_bf16=True)).history[-1].terms["mse"][0]
     assert bf16 == pytest.approx(fp32, rel=0.15)
 
 
@@ -181,7 +182,7 @@ def test_bad_inputs_give_clear_errors(data):
 
 def test_p_annealing_lowers_p_during_training(data):
     result = train_sae(small_cfg("relu"), data, small_train("relu"))
-    ps = [h["p"] for h in result.history]
+    ps = [h.p for h in result.history]
     assert ps[0] == 1.0 and ps[-1] == pytest.approx(0.2)
     assert ps == sorted(ps, reverse=True)
 

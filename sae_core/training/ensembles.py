@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sae_core.config import TOPK_TYPE_ARCHITECTURES, SAEConfig, TrainConfig
-from sae_core.ensemble import Ensemble
+from sae_core.config import SAEConfig, TrainConfig
+from sae_core.registry import uses_k
+from sae_core.ensemble import Ensemble, EnsembleInfo, ExpandedMatch
+from sae_core.training.records import TrainingRecord
 from sae_core.training.trainer import StepCallback, train_sae
 
 RESIDUAL_CHUNK = 65_536
@@ -27,7 +29,7 @@ class EnsembleTrainResult:
     """A trained ensemble and each member's (or stage's) training history."""
 
     ensemble: Ensemble
-    histories: list[list[dict]] = field(default_factory=list)
+    histories: list[list[TrainingRecord]] = field(default_factory=list)
 
 
 def default_seeds(train_cfg: TrainConfig, n_members: int) -> list[int]:
@@ -71,12 +73,9 @@ def train_bagging(
     if len(seeds) != n_members or len(set(seeds)) != n_members:
         raise ValueError(f"bagging needs {n_members} distinct seeds, got {seeds}")
     result = train_sae(cfg, activations, train_cfg, member_seeds=seeds, checkpoint_dir=checkpoint_dir, callback=callback)
-    histories = [
-        [{k: (v[j] if isinstance(v, list) else v) for k, v in record.items()} for record in result.history]
-        for j in range(n_members)
-    ]
+    histories = [[record.member(j) for record in result.history] for j in range(n_members)]
     ens = Ensemble(result.sae, "bagging")
-    ens.info = {"seeds": seeds, "bootstrap": train_cfg.bootstrap}
+    ens.info = EnsembleInfo(seeds=tuple(seeds), bootstrap=train_cfg.bootstrap)
     return EnsembleTrainResult(ens, histories)
 
 
@@ -128,7 +127,7 @@ def train_boosting(
             residual = _subtract_stage(residual, result.sae)
     stacked = type(stages[0]).stack(stages)
     ens = Ensemble(stacked, "boosting")
-    ens.info = {"seeds": seeds}
+    ens.info = EnsembleInfo(seeds=tuple(seeds))
     return EnsembleTrainResult(ens, histories)
 
 
@@ -138,7 +137,7 @@ def expanded_config(cfg: SAEConfig, n_members: int) -> SAEConfig:
     L1/L0-penalised architectures keep the same λ (a TrainConfig setting).
     """
     update: dict = {"d_sae": cfg.d_sae * n_members}
-    if cfg.architecture in TOPK_TYPE_ARCHITECTURES:
+    if uses_k(cfg.architecture):
         assert cfg.k is not None
         update["k"] = cfg.k * n_members
     return cfg.model_copy(update=update)
@@ -154,7 +153,7 @@ def train_expanded(
     checkpoint_dir: str | Path | None = None,
     callback: StepCallback | None = None,
 ) -> EnsembleTrainResult:
-    """The expanded baseline: one SAE of width J·k with the same recipe.
+    """The expanded baseline: one SAE of width J·d_sae with the same recipe.
 
     ``compute_matched`` gives it J× the training steps (the compute the J members spent
     together), answering the reviewers' objection that it is otherwise under-trained.
@@ -165,12 +164,12 @@ def train_expanded(
     tcfg = TrainConfig(**tcfg.model_dump())  # re-validate the changed schedule
     result = train_sae(wide, activations, tcfg, checkpoint_dir=checkpoint_dir, callback=callback)
     ens = Ensemble(result.sae, "expanded")
-    ens.info = {
-        "n_members_matched": n_members,
-        "d_sae": wide.d_sae,
-        "k": wide.k,
-        "sparsity": "k x J" if wide.k is not None else f"same lambda ({train_cfg.sparsity_coefficient})",
-        "compute_matched": compute_matched,
-        "n_steps": steps,
-    }
+    ens.info = EnsembleInfo(expanded=ExpandedMatch(
+        n_members_matched=n_members,
+        d_sae=wide.d_sae,
+        k=wide.k,
+        sparsity="k x J" if wide.k is not None else f"same lambda ({train_cfg.sparsity_coefficient})",
+        compute_matched=compute_matched,
+        n_steps=steps,
+    ))
     return EnsembleTrainResult(ens, [result.history])

@@ -2,10 +2,10 @@
 
 glibc serves every allocation above 32 MB (the largest mmap threshold it allows) with a
 fresh ``mmap`` and returns it with ``munmap`` when freed. A training step allocates the
-same large tensors every step (the [J, B, k] codes and their gradients: 200 MB each for
-J = 8, B = 4096, k = 3072 in bf16), so every step the kernel maps and zero-fills them
-again, page by page. Measured here: a J = 8 bagging step ran at 0.47-0.62x the
-per-member speed of a single SAE because of it, and at 1.00x with the pages kept.
+same large tensors every step (the [J, B, m] codes and their gradients: 200 MB each for
+J = 8, B = 4096, m = 3072 in bf16), so every step the kernel maps and zero-fills them
+again, page by page, and a batched bagging step loses much of its speed per member (the
+README's performance section, "Measurements behind design choices", has the numbers).
 
 :func:`keep_freed_memory` tells glibc to serve large blocks from the heap
 (``M_MMAP_MAX = 0``) and not to give freed heap back (``M_TRIM_THRESHOLD`` = 2 GiB - 1, the int maximum), so

@@ -25,16 +25,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae_core.config import L1_TYPE_ARCHITECTURES, SAEConfig, TrainConfig
+from sae_core.config import SAEConfig, TrainConfig
 from sae_core.init import initial_b_dec
-from sae_core.registry import get_architecture
+from sae_core.registry import architecture_sparsity, architectures, get_architecture
+from sae_core.training.records import TrainingRecord
 from sae_core.saes.base import SAE, LossContext
 from sae_core.training.memory import keep_freed_memory
 from sae_core.training.schedules import PAnnealer, lr_multiplier, sparsity_warmup_multiplier
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
-StepCallback = Callable[[int, SAE, dict], None]
+StepCallback = Callable[[int, SAE, "TrainingRecord | None"], None]
 
 
 def seeded_generator(*words: int) -> torch.Generator:
@@ -88,8 +89,12 @@ class TrainResult:
     """A trained module and its training record."""
 
     sae: SAE
-    history: list[dict] = field(default_factory=list)
+    history: list[TrainingRecord] = field(default_factory=list)
     resumed_from_step: int | None = None
+
+
+def _per_member(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
 
 
 def build_sae(cfg: SAEConfig, n_members: int = 1) -> SAE:
@@ -153,7 +158,7 @@ class _Checkpoint:
         optimizer: torch.optim.Optimizer,
         tokens_since_fired: Tensor,
         annealer: PAnnealer | None,
-        history: list[dict],
+        history: list[TrainingRecord],
     ) -> None:
         tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in sae.state_dict().items()}
         names = {id(p): n for n, p in sae.named_parameters()}
@@ -161,7 +166,7 @@ class _Checkpoint:
             for key, value in state.items():
                 tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().clone().contiguous()
         tensors["tokens_since_fired"] = tokens_since_fired.clone()
-        meta: dict = {"step": step, "fingerprint": fingerprint, "history": history}
+        meta: dict = {"step": step, "fingerprint": fingerprint, "history": [r.to_json() for r in history]}
         if annealer is not None:
             scalars, anneal_tensors = annealer.state()
             meta["p_anneal"] = scalars
@@ -214,13 +219,15 @@ def train_sae(
     checkpoint_dir: with ``train_cfg.checkpoint_every``, a resumable checkpoint is kept
         there; a later call with the same recipe, seeds and data resumes from it (a
         finished run returns at once).
-    callback: called as ``callback(step, sae, record)`` after every step (1-based step).
+    callback: called as ``callback(step, sae, record)`` after every step (1-based step);
+        record is the step's TrainingRecord on logged steps (every log_every), None otherwise.
     """
     _check_activations(activations, sae_cfg)
     keep_freed_memory()  # the step's large tensors reuse pages instead of mmap + zero-fill each step
-    if train_cfg.p_annealing is not None and sae_cfg.architecture not in L1_TYPE_ARCHITECTURES:
+    if train_cfg.p_annealing is not None and architecture_sparsity(sae_cfg.architecture) != "l1":
+        l1_type = [a for a in architectures() if architecture_sparsity(a) == "l1"]
         raise ValueError(
-            f"p_annealing applies to L1-type SAEs ({', '.join(sorted(L1_TYPE_ARCHITECTURES))}), "
+            f"p_annealing applies to L1-type SAEs ({', '.join(l1_type)}), "
             f"not {sae_cfg.architecture!r}; remove p_annealing from the training config"
         )
     seeds = list(member_seeds) if member_seeds is not None else [train_cfg.seed]
@@ -243,7 +250,7 @@ def train_sae(
         if train_cfg.p_annealing is not None
         else None
     )
-    history: list[dict] = []
+    history: list[TrainingRecord] = []
     fingerprint = _fingerprint(sae_cfg, train_cfg, seeds, activations)
     checkpoint = _Checkpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
 
@@ -259,7 +266,7 @@ def train_sae(
         tokens_since_fired = tensors["tokens_since_fired"].clone()
         if annealer is not None:
             annealer.load_state(meta["p_anneal"], tensors)
-        history = meta["history"]
+        history = [TrainingRecord.from_json(r) for r in meta["history"]]
         start_step = resumed_from = int(meta["step"])
 
     dead_threshold = train_cfg.dead_tokens_threshold
@@ -294,21 +301,19 @@ def train_sae(
             annealer.advance(step)
 
         done = step + 1
-        record: dict = {}
+        record: TrainingRecord | None = None
         if done % train_cfg.log_every == 0 or done == train_cfg.n_steps:
-            record = {
-                "step": done,
-                "lr": lr,
-                "loss": [float(v) for v in out.per_member.detach()],
-                **{name: [float(v) for v in values] for name, values in out.terms.items()},
-                "l0": [float(v) for v in out.l0],
-                "dead_fraction": [float(v) for v in (tokens_since_fired >= dead_threshold).float().mean(-1)],
-            }
-            if grad_norms is not None:
-                record["grad_norm"] = [float(v) for v in grad_norms]
-            if annealer is not None:
-                record["p"] = annealer.p
-                record["sparsity_coefficient"] = [float(v) for v in annealer.coefficient]
+            record = TrainingRecord(
+                step=done,
+                lr=lr,
+                loss=_per_member(out.per_member.detach()),
+                terms={name: _per_member(values) for name, values in out.terms.items()},
+                l0=_per_member(out.l0),
+                dead_fraction=_per_member((tokens_since_fired >= dead_threshold).float().mean(-1)),
+                grad_norm=_per_member(grad_norms) if grad_norms is not None else None,
+                p=annealer.p if annealer is not None else None,
+                sparsity_coefficient=_per_member(annealer.coefficient) if annealer is not None else None,
+            )
             history.append(record)
         if checkpoint is not None and train_cfg.checkpoint_every and (
             done % train_cfg.checkpoint_every == 0 or done == train_cfg.n_steps
