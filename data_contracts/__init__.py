@@ -2,7 +2,8 @@
 
 Only this package knows an artifact's schema. Stages call :func:`validate` on what they
 read and write; a violation raises :class:`ContractViolation` naming the artifact, the
-failed expectations and sample offending rows.
+failed expectations and sample offending rows; an artifact whose footer names a kind
+this package has no contract for raises its subclass :class:`UnknownArtifact`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure
+
+
+class UnknownArtifact(ContractViolation):
+    """The artifact names a kind (in its Parquet footer) that no contract here describes,
+    e.g. one written by a newer version. Callers may read such a file unvalidated."""
+
+    def __init__(self, artifact: str | Path, kind: str) -> None:
+        self.kind = kind
+        super().__init__(artifact, [Failure("known artifact kind", f"no contract for kind {kind!r}")])
 
 
 def artifact_kind(path: str | Path) -> str:
@@ -33,7 +43,11 @@ def artifact_kind(path: str | Path) -> str:
 
 
 def validate(artifact: str | Path) -> object:
-    """Validate an artifact by its kind; returns its manifest or frame, raises ContractViolation."""
+    """Validate an artifact by its kind; returns its manifest or frame.
+
+    Raises ContractViolation when it breaks its contract, UnknownArtifact when no contract
+    knows its kind.
+    """
     kind = artifact_kind(artifact)
     if kind == "activations":
         from data_contracts.activations import validate_activations
@@ -47,11 +61,15 @@ def validate(artifact: str | Path) -> object:
         from data_contracts.metrics import read_intrinsic, read_summary
 
         return read_intrinsic(artifact) if kind == "intrinsic_metrics" else read_summary(artifact)
+    if kind == "top_contexts":
+        from data_contracts.contexts import read_contexts
+
+        return read_contexts(artifact)
     from data_contracts.labelled import KINDS as DOWNSTREAM_KINDS, read_table
 
     if kind in DOWNSTREAM_KINDS:
         return read_table(artifact, kind)
-    raise ContractViolation(artifact, [Failure("known artifact kind", f"no contract for kind {kind!r}")])
+    raise UnknownArtifact(artifact, kind)
 
 
-__all__ = ["ContractViolation", "Failure", "validate", "artifact_kind"]
+__all__ = ["ContractViolation", "Failure", "UnknownArtifact", "validate", "artifact_kind"]

@@ -13,13 +13,8 @@ ARTIFACT = "documents"
 SPLITS = ("train", "val", "test")
 
 SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("source", pa.string()),
-        ("text", pa.string()),
-        ("label", pa.string()),
-        ("split", pa.string()),
-    ]
+    [("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string()), ("label", pa.string()),
+     ("split", pa.string())]
 )
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.core import read_parquet, ARTIFACT_KEY, ContractViolation, Failure, run_suite, write_parquet_atomic
+from data_contracts.core import ARTIFACT_KEY, check_schema, read_parquet, ContractViolation, Failure, run_suite, write_parquet_atomic
 
 PROBING_SPLITS = ("train", "test")
 SCR_SPLITS = ("train_biased", "train_balanced", "test")
@@ -186,11 +186,7 @@ def read_table(path: str | Path, kind: str | None = None) -> pd.DataFrame:
     expected = SCHEMAS.get(kind)
     if expected is None:
         raise ContractViolation(path, [Failure("known artifact kind", f"no downstream contract for {kind!r}")])
-    got = table.schema.remove_metadata()
-    wrong = [f"{f.name}: {got.field(f.name).type if f.name in got.names else 'missing'} (expected {f.type})"
-             for f in expected if f.name not in got.names or got.field(f.name).type != f.type]
-    if wrong:
-        raise ContractViolation(path, [Failure("schema", "; ".join(wrong))])
+    check_schema(table, expected, path)
     frame = table.to_pandas()
     validate_frame(frame, kind, path)
     return frame

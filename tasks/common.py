@@ -1,32 +1,113 @@
-"""What every stage shares: the run-directory layout and the result a stage returns.
+"""What every stage shares: the run-directory layout, the model directories and the result
+a stage returns.
 
-A stage is a plain function ``run_<stage>(cfg, run_dir, *, progress=True) -> StageResult``
-(``tasks.extract.run_extraction`` predates this type and returns its own report). Flows
-turn a StageResult into Prefect artifacts: the markdown summary, the tables and figures.
+A stage is a plain function ``run_<stage>(cfg, run_dir, *, progress=True) -> StageResult``.
+Flows turn a StageResult into Prefect artifacts: the markdown summary, the tables and
+figures.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from sae_core.io import ENSEMBLE_FILE
+from sae_core.methods import METHOD_NAMES, method
+
 # run-directory layout (SPEC §8): each stage reads only what earlier stages wrote
 ACTIVATIONS_DIR = "activations"           # extract: split=<s>/shard-*.parquet + manifest.json
+MANIFEST_FILE = f"{ACTIVATIONS_DIR}/manifest.json"
 DOCUMENTS_FILE = "documents.parquet"      # extract
-MODELS_DIR = "models"                     # train: models/<method>/run=<r>/ (ensemble.json + member_*/)
-METRICS_DIR = "metrics"                   # evaluate: intrinsic.parquet, summary.parquet
+MODELS_DIR = "models"                     # train: models/<method>[_J<J>]/run=<r>/ (ensemble.json + member_*/)
+METRICS_DIR = "metrics"                   # evaluate: intrinsic.parquet, summary.parquet, top_contexts.parquet
 FIGURES_DIR = "figures"                   # evaluate/downstream: PNG figures
 DOWNSTREAM_DIR = "downstream"             # downstream: probing.parquet, scr.parquet
 REPORT_DIR = "report"                     # report: report.md, report.html
 
 
-def model_dir(run_dir: Path, method: str, run: int, n_members: int | None = None) -> Path:
-    """Where run ``run`` of ``method`` is saved; expanded SAEs also carry their J."""
-    name = method if n_members is None else f"{method}_J{n_members}"
-    return Path(run_dir) / MODELS_DIR / name / f"run={run}"
+class NoTrainedModels(FileNotFoundError):
+    """The run directory holds no trained model (the train stage has not run)."""
+
+
+@dataclass(frozen=True, order=True)
+class ModelDir:
+    """One saved model: ``models/<method>[_J<J>]/run=<run>/`` (SPEC §8).
+
+    method: the method's name (:mod:`sae_core.methods`).
+    run: the run index r (seed block).
+    matched_j: for methods of matched width (expanded SAEs), the J whose width J·d_sae
+        the SAE has; None for the others.
+    """
+
+    method: str
+    run: int
+    matched_j: int | None = None
+
+    _NAME = re.compile(r"^(?P<method>[a-z_]+?)(?:_J(?P<J>\d+))?$")
+
+    def __post_init__(self) -> None:
+        spec = method(self.method)  # raises on an unknown method
+        if spec.matched_width != (self.matched_j is not None):
+            need = "needs" if spec.matched_width else "takes no"
+            raise ValueError(f"method {self.method!r} {need} a matched J (got {self.matched_j})")
+
+    @property
+    def name(self) -> str:
+        """The directory under models/: the method, plus _J<J> for matched-width methods."""
+        return self.method if self.matched_j is None else f"{self.method}_J{self.matched_j}"
+
+    @property
+    def relative(self) -> str:
+        """``models/<name>/run=<r>`` (POSIX, relative to the run directory)."""
+        return f"{MODELS_DIR}/{self.name}/run={self.run}"
+
+    def path(self, run_dir: str | Path) -> Path:
+        return Path(run_dir) / MODELS_DIR / self.name / f"run={self.run}"
+
+    def prefixes(self, n_members: int) -> list[tuple[int, int]]:
+        """(members used, J it stands at) of every point this model is scored at: each
+        prefix of bagging/boosting, the matched J of an expanded SAE, J = 1 of the single SAE."""
+        if self.matched_j is not None:
+            return [(n_members, self.matched_j)]
+        if method(self.method).prefixes:
+            return [(n, n) for n in range(1, n_members + 1)]
+        return [(n_members, n_members)]
+
+    @classmethod
+    def parse(cls, directory: str | Path) -> "ModelDir":
+        """The model of ``.../models/<name>/run=<r>``; a clear error for any other path."""
+        directory = Path(directory)
+        match = cls._NAME.match(directory.parent.name)
+        run = directory.name.removeprefix("run=")
+        if match is None or not directory.name.startswith("run=") or not run.isdigit() or match.group("method") not in METHOD_NAMES:
+            raise ValueError(
+                f"unexpected model directory {directory}: expected models/<method>[_J<J>]/run=<r> "
+                f"with a method among {', '.join(METHOD_NAMES)}"
+            )
+        J = match.group("J")
+        return cls(match.group("method"), int(run), int(J) if J else None)
+
+
+def discover_models(run_dir: str | Path) -> list[ModelDir]:
+    """Every saved model of the run directory, in path order.
+
+    Raises NoTrainedModels when there is none, ValueError for a directory under models/
+    that is not a model directory. A directory without ``ensemble.json`` is listed too:
+    loading it then says what is missing.
+    """
+    root = Path(run_dir) / MODELS_DIR
+    found = [ModelDir.parse(p) for p in sorted(root.glob("*/run=*"))]
+    if not found:
+        raise NoTrainedModels(f"no trained models under {root} (models/<method>/run=<r>/); run the train stage first")
+    return found
+
+
+def has_ensemble(run_dir: str | Path, model: ModelDir) -> bool:
+    return (model.path(run_dir) / ENSEMBLE_FILE).is_file()
 
 
 def split_tokens(directory: Path, split: str, max_tokens: int | None, seed: int) -> torch.Tensor:
@@ -45,10 +126,11 @@ def split_tokens(directory: Path, split: str, max_tokens: int | None, seed: int)
 class StageResult:
     """What a stage read and wrote, for the UI and the CLI.
 
-    read / written: paths (relative to the run dir where possible).
-    validated: artifacts that passed their contract (read or written).
+    read / written: paths relative to the run directory (files or directories).
+    validated: paths of artifacts that passed their contract (read or written).
     tables: named frames to show (metric summaries and the like).
-    figures: PNG files written.
+    figures: PNG files written (relative paths).
+    notes: free text for the summary (sizes, skipped work, warnings).
     did_work: False when everything was already up to date.
     """
 

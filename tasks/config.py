@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sae_core.config import ArchitectureName, TrainConfig
+from sae_core.methods import METHOD_NAMES, MethodName, method
 
 
 class _Strict(BaseModel):
@@ -69,7 +70,6 @@ class ExtractConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- training
-MethodName = Literal["single", "expanded", "expanded_compute_matched", "bagging", "boosting"]
 
 
 class TrainStageConfig(_Strict):
@@ -95,8 +95,8 @@ class TrainStageConfig(_Strict):
         default=True, description="Also train each expanded SAE for J× the steps (the ensemble's compute)."
     )
     methods: list[MethodName] = Field(
-        default_factory=lambda: ["single", "expanded", "expanded_compute_matched", "bagging", "boosting"],
-        description="Methods to train.",
+        default_factory=lambda: list(METHOD_NAMES),
+        description=f"Methods to train ({', '.join(METHOD_NAMES)}).",
     )
     max_train_tokens: int | None = Field(default=None, gt=0, description="Use at most this many train tokens.")
     recipe: TrainConfig = Field(
@@ -121,7 +121,10 @@ class TrainStageConfig(_Strict):
 
     @property
     def trains_expanded(self) -> bool:
-        return "expanded" in self.methods or ("expanded_compute_matched" in self.methods and self.compute_matched_expanded)
+        """Whether any matched-width (expanded) SAE is trained."""
+        return any(
+            method(m).matched_width and (m != "expanded_compute_matched" or self.compute_matched_expanded) for m in self.methods
+        )
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -134,18 +137,24 @@ class EvaluateConfig(_Strict):
     diversity_threshold: float = Field(default=0.7, gt=0, le=1, description="Cosine below which a latent counts as diverse.")
     bf16_cosines: bool = Field(
         default=False,
-        description="Stability cosines in bf16 (≈4x faster on large dictionaries; each max cosine "
+        description="Stability cosines in bf16 (faster on large dictionaries on CPUs with bf16 matmuls; each max cosine "
         "within bf16 rounding, < 1e-2, of the fp32 one).",
     )
     matched_max_latents: int = Field(
-        default=1536, gt=0, description="Largest dictionary for the Hungarian stability_matched (O(m³): ~1 s at 1536 "
-        "latents, minutes at 6144); larger ones are skipped and the skip is noted."
+        default=1536, gt=0, description="Largest dictionary for the Hungarian stability_matched (its cost grows as m³; "
+        "the README's performance section gives measured times); larger ones are skipped and the skip is noted."
     )
     ce_loss: bool = Field(default=True, description="Compute ce_loss_recovered and KL when the model is a causal LM.")
     ce_max_windows: int = Field(
         default=16, gt=0, description="Context windows of the evaluation split used for the CE/KL splice (every model and J)."
     )
     confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the confidence intervals.")
+    top_contexts: int = Field(
+        default=5, ge=0, description="Top-activating token contexts kept per latent (metrics/top_contexts.parquet)."
+    )
+    latents_per_member: int = Field(
+        default=3, ge=0, description="Latents (the most frequent) whose contexts are kept, for bagging run 0's first and last member."
+    )
 
 
 # ------------------------------------------------------------------------- downstream
@@ -198,10 +207,9 @@ class DownstreamConfig(_Strict):
 
 # ----------------------------------------------------------------------------- report
 class ReportConfig(_Strict):
-    """The report: report.md and a self-contained report.html."""
-
-    top_contexts: int = Field(default=5, ge=0, description="Top-activating token contexts shown per latent.")
-    latents_per_member: int = Field(default=3, ge=0, description="Latents shown for the first and last member.")
+    """The report: report.md and a self-contained report.html. It reads every other stage's
+    tables (the top-activating contexts are computed by the evaluate stage: see
+    ``evaluate.top_contexts``); nothing in it is configurable yet."""
 
 
 class PipelineConfig(_Strict):

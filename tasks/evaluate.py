@@ -2,8 +2,9 @@
 
 Reads ``activations/`` (the evaluation split, validated) and ``models/*/run=*/``; writes
 
-    metrics/intrinsic.parquet   long: method, n_members, run, metric, value
-    metrics/summary.parquet     mean and 95% CI over runs per (method, n_members, metric)
+    metrics/intrinsic.parquet     long: method, n_members, run, metric, value
+    metrics/summary.parquet       mean and 95% CI over runs per (method, n_members, metric)
+    metrics/top_contexts.parquet  top-activating test contexts of bagging run 0's first and last member
     figures/intrinsic_<metric>.png and figures/intrinsic.png (the paper's Figure 2)
 
 Bagging and boosting are scored at every prefix J = 1..J_max (bagging's J-member ensemble
@@ -14,7 +15,6 @@ of one (method, J) with each other, so they need S ≥ 2.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,28 +27,31 @@ from data_contracts.metrics import write_intrinsic, write_summary
 from sae_core import metrics
 from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metrics
 from sae_core.io import load_ensemble
-from sae_core.stats import mean_ci
-from tasks.common import ACTIVATIONS_DIR, FIGURES_DIR, METRICS_DIR, MODELS_DIR, StageResult, split_tokens
+from sae_core.models import NotACausalLM
+from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, FIGURES_DIR, METRICS_DIR, ModelDir, StageResult, discover_models, split_tokens
 from tasks.config import EvaluateConfig
+from tasks.summaries import summarise_over_runs
 
 INTRINSIC_FILE = "intrinsic.parquet"
 SUMMARY_FILE = "summary.parquet"
-_MODEL_DIR = re.compile(r"^(?P<method>[a-z_]+?)(?:_J(?P<J>\d+))?$")
+#: the random dictionary standing in for run r is seeded with this offset + r (disjoint from training seeds)
+RANDOM_FLOOR_SEED_OFFSET = 10_000
+#: seed of the token subset when evaluate.max_tokens cuts the split (train uses 0)
+TOKEN_SUBSET_SEED = 1
 
 
-def discover_models(run_dir: Path) -> list[tuple[str, int | None, int, Path]]:
-    """(method, matched J or None, run, directory) of every saved model, sorted."""
-    found = []
-    for directory in sorted((run_dir / MODELS_DIR).glob("*/run=*")):
-        match = _MODEL_DIR.match(directory.parent.name)
-        run = directory.name.removeprefix("run=")
-        if match is None or not run.isdigit():
-            raise ValueError(f"unexpected model directory {directory}: expected models/<method>[_J<J>]/run=<r>")
-        J = match.group("J")
-        found.append((match.group("method"), int(J) if J else None, int(run), directory))
-    if not found:
-        raise FileNotFoundError(f"no trained models under {run_dir / MODELS_DIR}; run the train stage first")
-    return found
+def _rows(method: str, J: int, run: int, values: dict[str, float]) -> list[dict]:
+    return [{"method": method, "n_members": J, "run": run, "metric": name, "value": float(v)} for name, v in values.items()]
+
+
+def _pairwise_matched(group: list[torch.Tensor]) -> list[float]:
+    """Per run: the mean of its Hungarian matched cosine to every other run."""
+    pair = {(a, b): metrics.stability_matched(group[a], group[b]) for a in range(len(group)) for b in range(a + 1, len(group))}
+    means = []
+    for a in range(len(group)):
+        mine = [v for (p, q), v in pair.items() if a in (p, q)]
+        means.append(sum(mine) / len(mine))
+    return means
 
 
 def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], cfg: EvaluateConfig) -> tuple[list[dict], list[str]]:
@@ -59,22 +62,17 @@ def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]]
         if len(runs) < 2:
             continue
         dicts = [by_run[r] for r in runs]
-        randoms = [metrics.random_dictionary_like(W, seed=10_000 + r) for W, r in zip(dicts, runs)]
-        stab = metrics.stability(dicts, bf16=cfg.bf16_cosines)
-        for name, values in (("stability", stab), ("stability_random", metrics.stability(randoms, bf16=cfg.bf16_cosines))):
-            rows += [{"method": method, "n_members": J, "run": r, "metric": name, "value": v} for r, v in zip(runs, values)]
+        randoms = [metrics.random_dictionary_like(W, seed=RANDOM_FLOOR_SEED_OFFSET + r) for W, r in zip(dicts, runs)]
+        values = {"stability": metrics.stability(dicts, bf16=cfg.bf16_cosines),
+                  "stability_random": metrics.stability(randoms, bf16=cfg.bf16_cosines)}
         m = dicts[0].shape[0]
         if m > cfg.matched_max_latents:
             notes.append(f"stability_matched skipped for {method} J={J}: {m} latents > matched_max_latents={cfg.matched_max_latents}")
-            continue
-        for name, group in (("stability_matched", dicts), ("stability_matched_random", randoms)):
-            pair = {}
-            for a in range(len(runs)):
-                for b in range(a + 1, len(runs)):
-                    pair[a, b] = metrics.stability_matched(group[a], group[b])
-            for a, r in enumerate(runs):
-                mine = [v for (p, q), v in pair.items() if a in (p, q)]
-                rows.append({"method": method, "n_members": J, "run": r, "metric": name, "value": sum(mine) / len(mine)})
+        else:
+            values["stability_matched"] = _pairwise_matched(dicts)
+            values["stability_matched_random"] = _pairwise_matched(randoms)
+        for name, per_run in values.items():
+            rows += [{"method": method, "n_members": J, "run": r, "metric": name, "value": v} for r, v in zip(runs, per_run)]
     return rows, notes
 
 
@@ -83,7 +81,6 @@ def _ce_windows(cfg: EvaluateConfig, run_dir: Path, manifest, loaded) -> tuple[t
     windows of the evaluation split's documents (in doc-id order)."""
     from data_contracts.documents import read_documents
     from sae_core.extraction import make_windows, pad_batch
-    from tasks.common import DOCUMENTS_FILE
 
     docs = read_documents(run_dir / DOCUMENTS_FILE)
     docs = docs[docs["split"] == cfg.split].sort_values("doc_id")
@@ -101,17 +98,15 @@ def _ce_windows(cfg: EvaluateConfig, run_dir: Path, manifest, loaded) -> tuple[t
     return input_ids, attention, splice
 
 
-def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models) -> tuple[list[dict], str]:
+def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models: list[ModelDir]) -> tuple[list[dict], str]:
     """ce_loss_recovered, kl_divergence and the raw CEs per (method, J, run), decoder models only."""
     from sae_core.models import load_model
     from sae_core.splice import ce_loss_recovered, spliced_losses, zero_replacement
 
     try:
         loaded = load_model(manifest.model, manifest.layer, causal_lm=True, trust_remote_code=manifest.trust_remote_code)
-    except ValueError as err:
-        if "not a causal LM" in str(err):
-            return [], f"ce_loss_recovered: not applicable ({manifest.model} is not a causal LM)"
-        raise
+    except NotACausalLM:
+        return [], f"ce_loss_recovered: not applicable ({manifest.model} is not a causal LM)"
     if loaded.revision != manifest.revision:
         raise ValueError(
             f"{manifest.model} now has weights {loaded.revision}, but the activations were extracted from "
@@ -120,31 +115,46 @@ def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models) -> tuple[list
     input_ids, attention, splice = _ce_windows(cfg, run_dir, manifest, loaded)
     replacements: dict = {"zero": zero_replacement}
     keys = {}
-    for method, matched_J, run, directory in models:
-        ens = load_ensemble(directory)
-        for n in range(1, ens.n_members + 1):
-            name = f"{method}|{run}|{n}"
+    for model in models:
+        ens = load_ensemble(model.path(run_dir))
+        for n, J in model.prefixes(ens.n_members):
+            name = f"{model.name}|{model.run}|{n}"
             replacements[name] = ens.prefix(n).eval()
-            keys[name] = (method, matched_J if matched_J is not None else n, run)
+            keys[name] = (model.method, J, model.run)
     losses = spliced_losses(loaded.model, loaded.block, input_ids, attention, splice, {"clean": None, **replacements})
     clean, zero = losses["clean"].ce, losses["zero"].ce
     rows = []
     for name, (method, J, run) in keys.items():
         sae = losses[name]
-        values = {"ce_loss_recovered": ce_loss_recovered(clean, sae.ce, zero), "kl_divergence": sae.kl,
-                  "ce_loss_sae": sae.ce, "ce_loss_clean": clean, "ce_loss_zero": zero}
-        rows += [{"method": method, "n_members": J, "run": run, "metric": k, "value": v} for k, v in values.items()]
+        rows += _rows(method, J, run, {"ce_loss_recovered": ce_loss_recovered(clean, sae.ce, zero), "kl_divergence": sae.kl,
+                                       "ce_loss_sae": sae.ce, "ce_loss_clean": clean, "ce_loss_zero": zero})
     n_tokens = int(splice.sum())
     return rows, f"ce_loss_recovered on {input_ids.shape[0]} {cfg.split} windows ({n_tokens} spliced tokens): CE clean {clean:.4f}, zero-ablated {zero:.4f}"
 
 
 def summarise(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
     """Mean and CI over runs of every (method, n_members, metric)."""
-    out = []
-    for (method, J, metric), group in frame.groupby(["method", "n_members", "metric"], sort=True):
-        mean, lo, hi = mean_ci(group["value"].to_numpy(), confidence)
-        out.append({"method": method, "n_members": int(J), "metric": metric, "mean": mean, "ci_low": lo, "ci_high": hi, "n_runs": len(group)})
-    return pd.DataFrame(out).astype({"ci_low": float, "ci_high": float})
+    return summarise_over_runs(frame, ["method", "n_members", "metric"], "value", confidence)
+
+
+def _model_rows(model: ModelDir, run_dir: Path, acts: torch.Tensor, d: int, cfg: EvaluateConfig,
+                dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]]) -> list[dict]:
+    """Every prefix's reconstruction and dictionary metrics; records each prefix's dictionary."""
+    directory = model.path(run_dir)
+    ens = load_ensemble(directory)
+    if ens.d_in != d:
+        raise ValueError(
+            f"{directory} was trained on d={ens.d_in} activations but {run_dir / ACTIVATIONS_DIR} has d={d}; retrain (train stage)"
+        )
+    with torch.no_grad():
+        recon = prefix_reconstruction_metrics(ens, acts.split(cfg.batch_size))
+    d_sae = ens.member_cfg.d_sae
+    rows = []
+    for n, J in model.prefixes(ens.n_members):
+        W = ens.W_dec[: n * d_sae].detach()
+        dictionaries[model.method, J][model.run] = W
+        rows += _rows(model.method, J, model.run, {**recon[n].as_dict(), **dictionary_metrics(W, cfg.diversity_threshold)})
+    return rows
 
 
 def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool = True) -> StageResult:
@@ -153,10 +163,10 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
     run_dir = Path(run_dir)
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=(cfg.split,))
-    acts = split_tokens(acts_dir, cfg.split, cfg.max_tokens, seed=1)
+    acts = split_tokens(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED)
     models = discover_models(run_dir)
-    result = StageResult(stage="evaluate", read=[f"{ACTIVATIONS_DIR} ({cfg.split} split, {acts.shape[0]} tokens)"])
-    result.validated.append(f"{ACTIVATIONS_DIR} ({cfg.split} split)")
+    result = StageResult(stage="evaluate", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
+    result.notes.append(f"evaluated on the {cfg.split} split: T = {acts.shape[0]} tokens")
 
     rows: list[dict] = []
     dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]] = defaultdict(dict)
@@ -165,20 +175,9 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
         from tqdm.auto import tqdm
 
         iterator = tqdm(models, desc="evaluate", unit="model")
-    for method, matched_J, run, directory in iterator:
-        ens = load_ensemble(directory)
-        if ens.d_in != manifest.d:
-            raise ValueError(f"{directory} was trained on d={ens.d_in} activations but {acts_dir} has d={manifest.d}; retrain (train stage)")
-        result.read.append(str(directory.relative_to(run_dir)))
-        with torch.no_grad():
-            recon = prefix_reconstruction_metrics(ens, acts.split(cfg.batch_size))
-        k = ens.member_cfg.d_sae
-        for n, values in recon.items():
-            J = matched_J if matched_J is not None else n  # an expanded SAE stands at the J it matches
-            W = ens.W_dec[: n * k].detach()
-            dictionaries[method, J][run] = W
-            values = {**values, **dictionary_metrics(W, cfg.diversity_threshold)}
-            rows += [{"method": method, "n_members": J, "run": run, "metric": name, "value": float(v)} for name, v in values.items()]
+    for model in iterator:
+        rows += _model_rows(model, run_dir, acts, manifest.d, cfg, dictionaries)
+        result.read.append(model.relative)
     stab_rows, notes = _stability_rows(dictionaries, cfg)
     rows += stab_rows
     result.notes += notes
@@ -194,11 +193,21 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
         frame = frame.dropna(subset=["value"])
     frame = frame.astype({"n_members": "int64", "run": "int64"}).sort_values(["method", "n_members", "run", "metric"]).reset_index(drop=True)
     summary = summarise(frame, cfg.confidence)
-    out_dir = run_dir / METRICS_DIR
-    write_intrinsic(frame, out_dir / INTRINSIC_FILE)
-    write_summary(summary, out_dir / SUMMARY_FILE)
-    result.written += [f"{METRICS_DIR}/{INTRINSIC_FILE} ({len(frame)} rows)", f"{METRICS_DIR}/{SUMMARY_FILE} ({len(summary)} rows)"]
-    result.validated += [f"{METRICS_DIR}/{INTRINSIC_FILE}", f"{METRICS_DIR}/{SUMMARY_FILE}"]
+    write_intrinsic(frame, run_dir / METRICS_DIR / INTRINSIC_FILE)
+    write_summary(summary, run_dir / METRICS_DIR / SUMMARY_FILE)
+    tables = [f"{METRICS_DIR}/{INTRINSIC_FILE}", f"{METRICS_DIR}/{SUMMARY_FILE}"]
+    result.notes.append(f"{len(frame)} metric values, {len(summary)} summary rows")
+
+    from tasks.top_contexts import write_top_contexts
+
+    if cfg.latents_per_member and cfg.top_contexts:
+        contexts = write_top_contexts(run_dir, manifest.model, cfg.latents_per_member, cfg.top_contexts)
+        if contexts is None:
+            result.notes.append("top contexts: no bagging run 0 or no test split; none written")
+        else:
+            tables.append(contexts)
+    result.written += tables
+    result.validated += tables
 
     from tasks.figures import plot_intrinsic
 

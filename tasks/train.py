@@ -20,6 +20,7 @@ import hashlib
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,25 +28,66 @@ import torch
 
 from data_contracts.activations import validate_activations
 from sae_core.config import SAEConfig, TrainConfig
-from sae_core.ensemble import Ensemble
+from sae_core.ensemble import Ensemble, EnsembleInfo
 from sae_core.io import ENSEMBLE_FILE, load_ensemble, save_ensemble
-from sae_core.training.ensembles import default_seeds, train_bagging, train_boosting, train_expanded, train_single
-from tasks.common import ACTIVATIONS_DIR, StageResult, model_dir, split_tokens
+from sae_core.methods import method
+from sae_core.registry import uses_k
+from sae_core.training.ensembles import (
+    EnsembleTrainResult,
+    default_seeds,
+    train_bagging,
+    train_boosting,
+    train_expanded,
+    train_single,
+)
+from sae_core.training.records import TrainingRecord
+from tasks.common import ACTIVATIONS_DIR, ModelDir, StageResult, split_tokens
 from tasks.config import TrainStageConfig
 
 ProgressCallback = Callable[[float, str], None]
 CHECKPOINTS_DIR = ".checkpoints"
+#: the single SAE of run r is bagging's member 0 when bagging is trained (same seed, data, recipe)
+SINGLE_FROM_BAGGING = "bagging member 0"
+SINGLE_ALONE = "trained alone"
 
 
 def member_config(cfg: TrainStageConfig, d_in: int) -> SAEConfig:
     """The SAEConfig of one member, for activations of width d_in."""
-    k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
+    k = cfg.k if uses_k(cfg.architecture) else None
     return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, k=k)
 
 
-def _fingerprint(job: dict, data_fingerprint: str) -> str:
-    payload = json.dumps({**job, "data": data_fingerprint}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+@dataclass(frozen=True)
+class TrainingJob:
+    """One model the stage produces and what determines it.
+
+    n_members: members of bagging/boosting, the matched J of an expanded SAE, 1 otherwise.
+    seeds: the member seeds (the first one seeds a single or expanded SAE).
+    cost: member-steps per recipe step (for progress): J for an ensemble or an expanded
+        SAE of width J, J² for the step-matched expanded SAE, 0 for a reused model.
+    """
+
+    method: str
+    run: int
+    n_members: int
+    seeds: tuple[int, ...]
+    cost: int
+
+    @property
+    def model(self) -> ModelDir:
+        return ModelDir(self.method, self.run, self.n_members if method(self.method).matched_width else None)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps per recipe step: boosting trains J stages and the step-matched
+        expanded SAE J× the steps; everything else one."""
+        return self.n_members if self.method in ("boosting", "expanded_compute_matched") else 1
+
+    def fingerprint(self, sae_cfg: SAEConfig, recipe: dict, data_fingerprint: str) -> str:
+        """sha256 of the job, the member config, the recipe and the data: a saved model with
+        this fingerprint in its ensemble.json is up to date."""
+        payload = {**asdict(self), "sae": sae_cfg.model_dump(), "recipe": recipe, "data": data_fingerprint}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _existing(directory: Path, fingerprint: str) -> Ensemble | None:
@@ -56,7 +98,7 @@ def _existing(directory: Path, fingerprint: str) -> Ensemble | None:
         ens = load_ensemble(directory)
     except (ValueError, FileNotFoundError):
         return None  # damaged or half-written by something else: retrain it
-    return ens if ens.info.get("fingerprint") == fingerprint else None
+    return ens if ens.info.fingerprint == fingerprint else None
 
 
 def seed_block(cfg: TrainStageConfig, run: int) -> int:
@@ -64,33 +106,107 @@ def seed_block(cfg: TrainStageConfig, run: int) -> int:
     return cfg.recipe.seed * cfg.n_runs + run
 
 
-def plan_jobs(cfg: TrainStageConfig) -> list[dict]:
-    """Every model the stage produces, in training order, with what determines it."""
+def plan_jobs(cfg: TrainStageConfig) -> list[TrainingJob]:
+    """Every model the stage produces, in training order."""
     J = cfg.n_members
     jobs = []
     for r in range(cfg.n_runs):
         # seed block of run r: recipe.seed picks a fresh set of S disjoint blocks (0 -> blocks 0..S-1)
-        seeds = default_seeds(cfg.recipe.model_copy(update={"seed": seed_block(cfg, r)}), J)
+        seeds = tuple(default_seeds(cfg.recipe.model_copy(update={"seed": seed_block(cfg, r)}), J))
         if "bagging" in cfg.methods:
-            jobs.append({"method": "bagging", "run": r, "n_members": J, "seeds": seeds, "cost": J})
+            jobs.append(TrainingJob("bagging", r, J, seeds, J))
         if "single" in cfg.methods:
-            # bagging's member 0 has exactly the single SAE's seed, data and recipe: reuse it
-            jobs.append({"method": "single", "run": r, "n_members": 1, "seeds": seeds[:1], "cost": 0 if "bagging" in cfg.methods else 1})
+            jobs.append(TrainingJob("single", r, 1, seeds[:1], 0 if "bagging" in cfg.methods else 1))
         if "boosting" in cfg.methods:
-            jobs.append({"method": "boosting", "run": r, "n_members": J, "seeds": seeds, "cost": J})
+            jobs.append(TrainingJob("boosting", r, J, seeds, J))
         for size in cfg.expanded_sizes:
             if "expanded" in cfg.methods:
-                jobs.append({"method": "expanded", "run": r, "n_members": size, "seeds": [seeds[0]], "cost": size})
+                jobs.append(TrainingJob("expanded", r, size, seeds[:1], size))
             if "expanded_compute_matched" in cfg.methods and cfg.compute_matched_expanded:
-                jobs.append(
-                    {"method": "expanded_compute_matched", "run": r, "n_members": size, "seeds": [seeds[0]], "cost": size * size}
-                )
+                jobs.append(TrainingJob("expanded_compute_matched", r, size, seeds[:1], size * size))
     return jobs
 
 
-def job_directory(run_dir: Path, job: dict) -> Path:
-    expanded = job["method"].startswith("expanded")
-    return model_dir(run_dir, job["method"], job["run"], job["n_members"] if expanded else None)
+def job_directory(run_dir: Path, job: TrainingJob) -> Path:
+    return job.model.path(run_dir)
+
+
+@dataclass
+class _JobContext:
+    """What a method's trainer needs besides the job: data, configs, callbacks, earlier results."""
+
+    sae_cfg: SAEConfig
+    acts: torch.Tensor
+    recipe: TrainConfig  # the run's recipe (its seed is the run's seed block)
+    checkpoint: Path
+    callback: Callable[[int, object, TrainingRecord | None], None]
+    trained_bagging: dict[int, Ensemble]
+
+
+def _alone(recipe: TrainConfig, seed: int) -> TrainConfig:
+    return TrainConfig(**{**recipe.model_dump(), "seed": seed})
+
+
+def _train_bagging(job: TrainingJob, c: _JobContext) -> Ensemble:
+    ens = train_bagging(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback).ensemble
+    c.trained_bagging[job.run] = ens
+    return ens
+
+
+def _train_single(job: TrainingJob, c: _JobContext) -> Ensemble:
+    if job.run in c.trained_bagging:
+        ens, source = Ensemble(c.trained_bagging[job.run].member(0), "single"), SINGLE_FROM_BAGGING
+    else:
+        trained: EnsembleTrainResult = train_single(c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), checkpoint_dir=c.checkpoint, callback=c.callback)
+        ens, source = trained.ensemble, SINGLE_ALONE
+    ens.info = EnsembleInfo(seeds=job.seeds, source=source)
+    return ens
+
+
+def _train_boosting(job: TrainingJob, c: _JobContext) -> Ensemble:
+    return train_boosting(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback).ensemble
+
+
+def _train_expanded(job: TrainingJob, c: _JobContext) -> Ensemble:
+    return train_expanded(
+        c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), job.n_members,
+        compute_matched=job.method == "expanded_compute_matched", checkpoint_dir=c.checkpoint, callback=c.callback,
+    ).ensemble
+
+
+#: how each method is trained
+TRAINERS: dict[str, Callable[[TrainingJob, _JobContext], Ensemble]] = {
+    "bagging": _train_bagging,
+    "single": _train_single,
+    "boosting": _train_boosting,
+    "expanded": _train_expanded,
+    "expanded_compute_matched": _train_expanded,
+}
+
+
+class _Progress:
+    """Training progress in member-steps: a tqdm bar in a terminal and the stage's callback."""
+
+    def __init__(self, total: float, progress: bool, on_progress: ProgressCallback | None) -> None:
+        self.total, self.done, self.on_progress = total or 1, 0.0, on_progress
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", desc="train", unit_scale=True)
+
+    def advance(self, amount: float) -> None:
+        self.done += amount
+        if self.bar is not None:
+            self.bar.update(amount)
+
+    def report(self, message: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(min(self.done / self.total, 1.0), message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_training(
@@ -111,87 +227,54 @@ def run_training(
     recipe_dump = cfg.recipe.model_dump(exclude={"seed", "checkpoint_every", "log_every"})
 
     jobs = plan_jobs(cfg)
-    total_cost = sum(job["cost"] * cfg.recipe.n_steps for job in jobs) or 1
-    done_cost = 0.0
-    result = StageResult(stage="train", read=[f"{ACTIVATIONS_DIR} (train split, {acts.shape[0]} tokens, d={manifest.d})"])
-    result.validated.append(f"{ACTIVATIONS_DIR} (train split)")
+    steps = cfg.recipe.n_steps
+    bar = _Progress(sum(job.cost * steps for job in jobs), progress, on_progress)
+    result = StageResult(stage="train", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
+    result.notes.append(f"read the train split: {acts.shape[0]} tokens, d={manifest.d}")
     trained_bagging: dict[int, Ensemble] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_cost, unit="step", desc="train", unit_scale=True)
-
-    def report(message: str) -> None:
-        if on_progress is not None:
-            on_progress(min(done_cost / total_cost, 1.0), message)
 
     for job in jobs:
         directory = job_directory(run_dir, job)
         name = f"{directory.parent.name}/{directory.name}"
-        fingerprint = _fingerprint({**job, "sae": sae_cfg.model_dump(), "recipe": recipe_dump}, data_fp)
+        fingerprint = job.fingerprint(sae_cfg, recipe_dump, data_fp)
         existing = _existing(directory, fingerprint)
         if existing is not None:
-            if job["method"] == "bagging":
-                trained_bagging[job["run"]] = existing
-            done_cost += job["cost"] * cfg.recipe.n_steps
-            if bar is not None:
-                bar.update(job["cost"] * cfg.recipe.n_steps)
+            if job.method == "bagging":
+                trained_bagging[job.run] = existing
+            bar.advance(job.cost * steps)
             result.notes.append(f"{name}: up to date, reused")
-            report(f"{name}: reused")
+            bar.report(f"{name}: reused")
             continue
 
-        # the callback fires once per optimizer step: J stages × n_steps for boosting,
-        # J × n_steps for the compute-matched expanded SAE, n_steps otherwise
-        calls = cfg.recipe.n_steps * (job["n_members"] if job["method"] in ("boosting", "expanded_compute_matched") else 1)
-        per_step = job["cost"] * cfg.recipe.n_steps / calls
+        # the callback fires once per optimizer step; spread the job's cost over those calls
+        per_call = job.cost * steps / (steps * job.optimizer_steps)
 
-        def step_callback(step: int, sae, record: dict, _w: float = per_step) -> None:
-            nonlocal done_cost
-            done_cost += _w
-            if bar is not None:
-                bar.update(_w)
-            if record:
-                report(f"{name}: step {step}, loss {sum(record['loss']) / len(record['loss']):.4g}")
+        def step_callback(step: int, sae, record: TrainingRecord | None, _w: float = per_call, _name: str = name) -> None:
+            bar.advance(_w)
+            if record is not None:
+                bar.report(f"{_name}: step {step}, loss {record.mean_loss():.4g}")
 
-        tcfg = cfg.recipe.model_copy(update={"seed": seed_block(cfg, job["run"])})
-        ckpt = run_dir / CHECKPOINTS_DIR / directory.parent.name / directory.name
-        report(f"{name}: training")
-        if job["method"] == "bagging":
-            ens = train_bagging(sae_cfg, acts, tcfg, job["n_members"], seeds=job["seeds"], checkpoint_dir=ckpt, callback=step_callback).ensemble
-            trained_bagging[job["run"]] = ens
-        elif job["method"] == "single":
-            if job["run"] in trained_bagging:
-                ens = Ensemble(trained_bagging[job["run"]].member(0), "single")
-            else:
-                tsingle = TrainConfig(**{**tcfg.model_dump(), "seed": job["seeds"][0]})
-                ens = train_single(sae_cfg, acts, tsingle, checkpoint_dir=ckpt, callback=step_callback).ensemble
-            ens.info = {"seeds": job["seeds"], "source": "bagging member 0" if job["run"] in trained_bagging else "trained alone"}
-        elif job["method"] == "boosting":
-            ens = train_boosting(sae_cfg, acts, tcfg, job["n_members"], seeds=job["seeds"], checkpoint_dir=ckpt, callback=step_callback).ensemble
-        else:
-            texp = TrainConfig(**{**tcfg.model_dump(), "seed": job["seeds"][0]})
-            ens = train_expanded(
-                sae_cfg, acts, texp, job["n_members"],
-                compute_matched=job["method"] == "expanded_compute_matched",
-                checkpoint_dir=ckpt, callback=step_callback,
-            ).ensemble
-        ens.info = {**ens.info, "fingerprint": fingerprint, "run": job["run"], "method": job["method"], "train_tokens": int(acts.shape[0])}
+        context = _JobContext(
+            sae_cfg, acts, cfg.recipe.model_copy(update={"seed": seed_block(cfg, job.run)}),
+            run_dir / CHECKPOINTS_DIR / directory.parent.name / directory.name, step_callback, trained_bagging,
+        )
+        bar.report(f"{name}: training")
+        ens = TRAINERS[job.method](job, context)
+        ens.info = ens.info.updated(fingerprint=fingerprint, run=job.run, method=job.method, train_tokens=int(acts.shape[0]))
         save_ensemble(ens, directory)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        result.written.append(str(directory.relative_to(run_dir)))
-        report(f"{name}: saved")
-    if bar is not None:
-        bar.close()
+        shutil.rmtree(context.checkpoint, ignore_errors=True)
+        result.written.append(job.model.relative)
+        bar.report(f"{name}: saved")
+    bar.close()
     shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     result.did_work = bool(result.written)
     result.notes.insert(
         0,
         f"member: {sae_cfg.architecture}, d_sae={sae_cfg.d_sae}" + (f", k={sae_cfg.k}" if sae_cfg.k else "")
-        + f"; J_max={cfg.n_members}, runs={cfg.n_runs}; {cfg.recipe.n_steps} steps × batch {cfg.recipe.batch_size}",
+        + f"; J_max={cfg.n_members}, runs={cfg.n_runs}; {steps} steps × batch {cfg.recipe.batch_size}",
     )
     if not cfg.compute_matched_expanded or "expanded_compute_matched" not in cfg.methods:
-        result.notes.append("compute-matched expanded SAE not trained (train.compute_matched_expanded is off)")
+        result.notes.append("step-matched expanded SAE not trained (train.compute_matched_expanded is off)")
     result.seconds = time.perf_counter() - start
-    report("done")
+    bar.report("done")
     return result

@@ -468,7 +468,7 @@ def test_another_seed_gives_other_members(reference, tiny, tmp_path):
     assert run_training(other_cfg, run, progress=False).written == ["models/bagging/run=0", "models/bagging/run=1"]
     new = [load_ensemble(run / MODELS_DIR / "bagging" / f"run={r}") for r in (0, 1)]
     old = [load_ensemble(reference / MODELS_DIR / "bagging" / f"run={r}") for r in (0, 1)]
-    assert [e.info["seeds"] for e in old] == [[0, 1], [2, 3]] and [e.info["seeds"] for e in new] == [[4, 5], [6, 7]]
+    assert [e.info.seeds for e in old] == [(0, 1), (2, 3)] and [e.info.seeds for e in new] == [(4, 5), (6, 7)]
     members = [e.member(j).W_dec for e in new + old for j in range(2)]
     for a in range(len(members)):
         for b in range(a + 1, len(members)):
@@ -622,7 +622,7 @@ def test_artifact_names_cannot_point_outside_their_directory(reference, tmp_path
     import json
 
     from tasks.labelled import probing_set
-    from tasks.prefect_tasks import clear_outputs, write_stamp
+    from tasks.stage_state import clear_outputs, write_stamp
 
     acts = shutil.copytree(reference / ACTIVATIONS_DIR, tmp_path / "acts")
     manifest = json.loads((acts / "manifest.json").read_text())

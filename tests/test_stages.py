@@ -52,12 +52,12 @@ def test_training_writes_every_method_and_run_and_reports_progress(trained, run_
     assert set(result.written) == expected
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     bag, single = load_ensemble(run_dir / "models/bagging/run=1"), load_ensemble(run_dir / "models/single/run=1")
-    assert bag.info["seeds"] == [3, 4, 5]  # run r uses the seed block {rJ..rJ+J-1}
+    assert bag.info.seeds == (3, 4, 5)  # run r uses the seed block {rJ..rJ+J-1}
     assert torch.equal(single.W_dec, bag.member(0).W_dec[0])  # single = bagging member 0
     wide = load_ensemble(run_dir / "models/expanded_J3/run=0")
     assert wide.d_sae == 3 * 48 and wide.member_cfg.k == 3 * 4
-    assert wide.info["n_steps"] == 12
-    assert load_ensemble(run_dir / "models/expanded_compute_matched_J3/run=0").info["n_steps"] == 36
+    assert wide.info.expanded.n_steps == 12
+    assert load_ensemble(run_dir / "models/expanded_compute_matched_J3/run=0").info.expanded.n_steps == 36
 
 
 def test_training_rerun_reuses_models_and_retrains_only_what_is_missing(trained, run_dir):
