@@ -39,7 +39,7 @@ from data_contracts.activations import (
 from data_contracts.core import ContractViolation, file_sha256
 from data_contracts.documents import write_documents
 from sae_core.extraction import ActivationBatch, Window, extract_in_order, make_windows
-from sae_core.models import LoadedModel, _resolve_source, load_model, weights_fingerprint
+from sae_core.models import LoadedModel, resolve_source, load_model, weights_fingerprint
 from sae_core.training.memory import keep_freed_memory
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE
 from tasks.config import ExtractConfig
@@ -62,7 +62,7 @@ class ExtractionReport:
 
 def model_identity(cfg: ExtractConfig) -> str:
     """Model name plus what pins its weights: the weight files' hash for local/embedded models."""
-    source, _ = _resolve_source(cfg.model)
+    source, _ = resolve_source(cfg.model)
     if isinstance(source, Path):
         return f"{cfg.model}@sha256:{weights_fingerprint(source)}"
     return f"{cfg.model}@{cfg.revision or 'default'}"
@@ -76,6 +76,41 @@ def extraction_fingerprint(cfg: ExtractConfig, corpus_fp: str, model_id: str) ->
     h.update(corpus_fp.encode())
     h.update(model_id.encode())
     return h.hexdigest()
+
+
+def document_blocks(n_documents: int, documents_per_shard: int) -> list[slice]:
+    """The shards' documents: consecutive blocks of ``documents_per_shard`` of ``n_documents``
+    positions (the last block may be shorter); a document never spans two shards."""
+    return [slice(i, min(i + documents_per_shard, n_documents)) for i in range(0, n_documents, documents_per_shard)]
+
+
+def write_batch_shard(
+    directory: Path, split: str, index: int, doc_ids: np.ndarray, batch: ActivationBatch, fingerprint: str,
+    validate: tuple[int, float] | None,
+) -> ShardInfo:
+    """Write the rows of ``batch`` as shard ``index`` of ``split`` (checked first when
+    ``validate=(vocab_size, max_norm)``); ``batch.doc_index`` indexes ``doc_ids``."""
+    return write_shard(
+        directory, split, index, doc_ids[batch.doc_index], batch.position, batch.token_id, batch.activation, fingerprint,
+        validate=validate,
+    )
+
+
+def write_batch_by_document(
+    directory: Path, split: str, doc_ids: np.ndarray, batch: ActivationBatch, documents_per_shard: int, fingerprint: str,
+    validate: tuple[int, float] | None,
+) -> list[ShardInfo]:
+    """Write ``batch`` (rows sorted by ``doc_index``, which indexes ``doc_ids``) as shards
+    0, 1, ... of ``documents_per_shard`` documents each, like the extraction's plan; a
+    block of documents without rows writes no shard. Returns the shards' manifest entries."""
+    shards = []
+    for block in document_blocks(len(doc_ids), documents_per_shard):
+        lo, hi = np.searchsorted(batch.doc_index, [block.start, block.stop])
+        if lo == hi:
+            continue
+        rows = ActivationBatch(batch.doc_index[lo:hi], batch.position[lo:hi], batch.token_id[lo:hi], batch.activation[lo:hi])
+        shards.append(write_batch_shard(directory, split, len(shards), doc_ids, rows, fingerprint, validate))
+    return shards
 
 
 def _plan(docs: pd.DataFrame, token_ids: list[list[int]], cfg: ExtractConfig, n_special: int) -> dict[str, list[np.ndarray]]:
@@ -96,7 +131,7 @@ def _plan(docs: pd.DataFrame, token_ids: list[list[int]], cfg: ExtractConfig, n_
                 kept.append(r)
             rows = np.array(kept, dtype=np.int64)
         rows = rows[[len(token_ids[r]) > 0 for r in rows]] if len(rows) else rows
-        plan[split] = [rows[i : i + cfg.documents_per_shard] for i in range(0, len(rows), cfg.documents_per_shard)]
+        plan[split] = [rows[block] for block in document_blocks(len(rows), cfg.documents_per_shard)]
     return plan
 
 
@@ -150,8 +185,8 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
 
     # shard-sized arrays and Parquet buffers (~180 MB each for 120k tokens of d = 384) are
     # allocated per shard: with glibc's default every one is a fresh mmap, zero-filled
-    # page by page. Measured on 148k tokens: 500k minor faults and ~2 s of system time
-    # per extraction, vs 12k faults and ~0.9 s with freed memory kept for reuse.
+    # page by page (the minor faults and system time this costs: README, "Measurements
+    # behind design choices").
     keep_freed_memory()
     loaded = load_model(cfg.model, cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     token_ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
@@ -170,7 +205,7 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     # model runs the next shard's batches; at most one write is pending, so memory holds
     # two shards at most. A failed write surfaces at the next wait and stops the stage;
     # every shard that was written is complete. (On 2 cores the writer slows the forward
-    # it overlaps, but still came out 0.4-1.3 s ahead of writing in line on 148k tokens.)
+    # it overlaps, but still comes out ahead of writing in line; README.)
     slots: list[ShardInfo | Future] = []
     written, reused = [], []
     pending: Future | None = None
@@ -195,8 +230,7 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
                     if pending is not None:
                         pending.result()  # re-raises a failed write before more work is queued
                     pending = writer.submit(
-                        write_shard, out, split, index, doc_ids[batch.doc_index], batch.position, batch.token_id,
-                        batch.activation, fingerprint, validate=(loaded.vocab_size, cfg.max_norm),
+                        write_batch_shard, out, split, index, doc_ids, batch, fingerprint, (loaded.vocab_size, cfg.max_norm)
                     )
                     slots.append(pending)
                     written.append(rel)

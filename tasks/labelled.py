@@ -10,17 +10,20 @@ pronouns (he/him/his/himself vs she/her/hers/herself), and paragraphs with prono
 both genders or none are dropped. For a topic pair (y) the biased train split holds only
 the two cells on one diagonal (y = z), oriented so that the diagonal has the larger
 cells; the balanced train and test splits take equal numbers from all four cells.
+
+:func:`build_labelled_sets` gathers every set a downstream config asks for.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import pandas as pd
 
-from tasks.config import CorpusSource
+from tasks.config import CorpusSource, DownstreamConfig
 from tasks.sources import load_source
 
 MALE_PRONOUNS = frozenset({"he", "him", "his", "himself"})
@@ -174,3 +177,44 @@ def scr_set(
     frame = frame[["doc_id", "dataset", "text", "label", "spurious", "y", "z", "split"]]
     frame = frame.sort_values(["split", "y", "z", "doc_id"]).reset_index(drop=True)
     return frame, pd.DataFrame(counts)
+
+
+@dataclass
+class LabelledSets:
+    """Every labelled set of one downstream config.
+
+    probing: dataset name -> its labelled_probing frame.
+    scr: pair name ('<a>-<b>') -> its labelled_scr frame.
+    cells: the scr_cells table (documents per pair, topic, gender and split); empty without pairs.
+    """
+
+    probing: dict[str, pd.DataFrame]
+    scr: dict[str, pd.DataFrame]
+    cells: pd.DataFrame
+
+    def documents(self) -> pd.DataFrame:
+        """Every distinct document (doc_id, text), sorted by id."""
+        frames = [f[["doc_id", "text"]] for f in [*self.probing.values(), *self.scr.values()]]
+        docs = pd.concat(frames, ignore_index=True).drop_duplicates("doc_id").sort_values("doc_id").reset_index(drop=True)
+        clash = pd.concat(frames).drop_duplicates().groupby("doc_id")["text"].nunique()
+        if (clash > 1).any():
+            raise ValueError(f"document ids reused for different texts across datasets: {clash[clash > 1].index[:3].tolist()}")
+        return docs
+
+
+def build_labelled_sets(cfg: DownstreamConfig) -> LabelledSets:
+    """The probing sets and the SCR sets of ``cfg`` (deterministic for a given seed; the
+    i-th SCR pair is drawn with seed + i)."""
+    probing = {}
+    for name in cfg.probing_datasets:
+        frame = probing_set(name, cfg.max_documents_per_class, cfg.seed)
+        probing[frame["dataset"].iloc[0]] = frame
+    scr, cells = {}, []
+    if cfg.scr_pairs:
+        paragraphs = bbc_paragraphs()
+        for i, pair in enumerate(cfg.scr_pairs):
+            frame, counts = scr_set(pair, paragraphs, max_per_cell=cfg.scr_max_documents_per_cell,
+                                    min_cell=cfg.scr_min_cell, seed=cfg.seed + i)
+            scr[pair_name(pair)] = frame
+            cells.append(counts)
+    return LabelledSets(probing, scr, pd.concat(cells, ignore_index=True) if cells else pd.DataFrame())

@@ -13,16 +13,17 @@ import pytest
 import torch
 
 from data_contracts import ContractViolation, validate
-from data_contracts.activations import load_split
+from data_contracts.activations import load_split, write_shard
 from data_contracts.core import write_parquet_atomic
 from data_contracts.labelled import SCHEMAS, read_table, write_table
 from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging, train_boosting, train_expanded, train_single
+from sae_core.extraction import ActivationBatch
 from sae_core.io import load_ensemble
 from sae_core.probing import pooled_codes, sparse_probe_accuracy
-from tasks.common import model_dir
+from tasks.common import ModelDir
 from tasks.config import CorpusSource, DownstreamConfig, ExtractConfig
 from tasks.downstream import PROBING_FIGURE, SCR_FIGURE, run_downstream
-from tasks.extract import run_extraction
+from tasks.extract import document_blocks, run_extraction, write_batch_by_document
 from tasks.labelled import CellTooSmall, bbc_paragraphs, pronoun_gender, probing_set, scr_set
 from tests.tiny_models import TEXTS, build_tiny_model
 
@@ -107,6 +108,62 @@ def test_contracts_reject_corrupted_tables(tmp_path, paragraphs):
         write_table(nan, tmp_path / "s.parquet", "scr_results")
 
 
+# ------------------------------------------------------------------ token shards
+VOCAB, MAX_NORM = 100, 1e3
+
+
+def _batch(rows_per_doc: list[int], d: int = 4, seed: int = 0) -> ActivationBatch:
+    """Rows in document order; positions 1..n within each document."""
+    rng = np.random.default_rng(seed)
+    doc_index = np.repeat(np.arange(len(rows_per_doc)), rows_per_doc).astype(np.int64)
+    position = np.concatenate([np.arange(1, n + 1) for n in rows_per_doc]).astype(np.int32)
+    n = len(doc_index)
+    return ActivationBatch(doc_index, position, rng.integers(0, VOCAB, n).astype(np.int32), rng.normal(size=(n, d)).astype(np.float32))
+
+
+def _shards_before_the_split(directory: Path, doc_ids: np.ndarray, batch: ActivationBatch, per_shard: int, fingerprint: str):
+    """The shard loop tasks/downstream.py had before it used the extract stage's writer (verbatim)."""
+    shards = []
+    bounds = np.searchsorted(batch.doc_index, np.arange(0, len(doc_ids) + per_shard, per_shard))
+    for i in range(len(bounds) - 1):
+        sel = slice(bounds[i], bounds[i + 1])
+        if bounds[i] == bounds[i + 1]:
+            continue
+        shards.append(
+            write_shard(directory, "train", len(shards), doc_ids[batch.doc_index[sel]], batch.position[sel], batch.token_id[sel],
+                        batch.activation[sel], fingerprint, validate=(VOCAB, MAX_NORM))
+        )
+    return shards
+
+
+@pytest.mark.parametrize("rows_per_doc", [[2, 1, 3, 1, 1, 2, 4], [2, 1, 1, 0, 0, 0, 3], [5], [1, 1, 1]])
+def test_shards_by_document_are_the_old_shards_byte_for_byte(tmp_path, rows_per_doc):
+    """Blocks of 3 documents; a block whose documents have no rows (second case) writes no shard."""
+    doc_ids = np.array([f"doc{i:02d}" for i in range(len(rows_per_doc))], dtype=object)
+    batch = _batch(rows_per_doc)
+    old = _shards_before_the_split(tmp_path / "old", doc_ids, batch, 3, "fp")
+    new = write_batch_by_document(tmp_path / "new", "train", doc_ids, batch, 3, "fp", validate=(VOCAB, MAX_NORM))
+    assert new == old
+    for info in new:
+        assert (tmp_path / "new" / info.file).read_bytes() == (tmp_path / "old" / info.file).read_bytes()
+    # the shards hold every row once, in order, with at most 3 documents each
+    tables = [pq.read_table(tmp_path / "new" / info.file).to_pandas() for info in new]
+    assert [t["doc_id"].nunique() for t in tables] == [info.documents for info in new] and all(i.documents <= 3 for i in new)
+    rows = pd.concat(tables, ignore_index=True)
+    assert rows["doc_id"].tolist() == doc_ids[batch.doc_index].tolist()
+    np.testing.assert_array_equal(np.stack(rows["activation"].to_numpy()), batch.activation)
+
+
+def test_document_blocks_are_the_extraction_plan_chunks():
+    """The extract stage's former chunking: rows[i : i + n] for i in range(0, len(rows), n)."""
+    for n_docs in range(0, 11):
+        rows = np.arange(100, 100 + n_docs)
+        for per_shard in (1, 2, 3, 4, 10, 11):
+            old = [rows[i : i + per_shard] for i in range(0, len(rows), per_shard)]
+            new = [rows[block] for block in document_blocks(n_docs, per_shard)]
+            assert len(new) == len(old) and all(np.array_equal(a, b) for a, b in zip(new, old))
+
+
 # ----------------------------------------------------------------------- end to end
 SMALL = dict(
     probing_ks=[1, 2], max_documents_per_class=4, max_tokens_per_document=12, scr_pairs=[("entertainment", "sports")],
@@ -129,10 +186,10 @@ def trained_run(tmp_path_factory):
     recipe = TrainConfig(n_steps=8, batch_size=64, lr=3e-3, b_dec_init="mean")
     for r in (0, 1):
         rc = recipe.model_copy(update={"seed": r})
-        save_ensemble(train_bagging(cfg, acts, rc, 2).ensemble, model_dir(run, "bagging", r))
-    save_ensemble(train_boosting(cfg, acts, recipe, 2).ensemble, model_dir(run, "boosting", 0))
-    save_ensemble(train_single(cfg, acts, recipe).ensemble, model_dir(run, "single", 0))
-    save_ensemble(train_expanded(cfg, acts, recipe, 2).ensemble, model_dir(run, "expanded", 0, n_members=2))
+        save_ensemble(train_bagging(cfg, acts, rc, 2).ensemble, ModelDir("bagging", r).path(run))
+    save_ensemble(train_boosting(cfg, acts, recipe, 2).ensemble, ModelDir("boosting", 0).path(run))
+    save_ensemble(train_single(cfg, acts, recipe).ensemble, ModelDir("single", 0).path(run))
+    save_ensemble(train_expanded(cfg, acts, recipe, 2).ensemble, ModelDir("expanded", 0, matched_j=2).path(run))
     start = time.perf_counter()
     result = run_downstream(DownstreamConfig(**SMALL), run, progress=False)
     return run, result, time.perf_counter() - start
@@ -173,7 +230,7 @@ def test_run_downstream_numbers_match_a_direct_computation(trained_run):
     tokens = tokens[tokens["doc_id"].isin(ids)]
     index = tokens["doc_id"].map({d: i for i, d in enumerate(ids)}).to_numpy().copy()
     acts = torch.tensor(np.stack(tokens["activation"].to_numpy()))
-    ens = load_ensemble(model_dir(run, "bagging", 1)).prefix(1)
+    ens = load_ensemble(ModelDir("bagging", 1).path(run)).prefix(1)
     codes = pooled_codes(ens, acts, index, len(ids)).numpy()
     tr, te = (data["split"] == "train").to_numpy(), (data["split"] == "test").to_numpy()
     direct = sparse_probe_accuracy(codes[tr], data["label"][tr], codes[te], data["label"][te], [1, 2], seed=0)
@@ -193,3 +250,17 @@ def test_rerun_does_no_work_and_a_changed_model_recomputes(trained_run):
     changed = run_downstream(DownstreamConfig(**{**SMALL, "probing_ks": [1]}), run, progress=False)
     assert changed.did_work and "downstream/activations" not in changed.written
     assert set(read_table(run / "downstream" / "probing.parquet").query("method != 'raw'")["k"]) == {1}
+
+
+def test_a_model_directory_without_ensemble_json_is_skipped(trained_run):
+    """An interrupted training leaves a directory without ensemble.json: not a model yet."""
+    run, _, _ = trained_run
+    run_downstream(DownstreamConfig(**SMALL), run, progress=False)  # up to date, whatever ran before
+    partial = ModelDir("boosting", 7).path(run)
+    partial.mkdir(parents=True)
+    try:
+        again = run_downstream(DownstreamConfig(**SMALL), run, progress=False)
+        assert not again.did_work and "models/boosting/run=7" not in again.read
+        assert again.read[:2] == ["activations/manifest.json", "models/bagging/run=0"]
+    finally:
+        partial.rmdir()
