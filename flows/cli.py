@@ -15,49 +15,28 @@ against a temporary local Prefect server; with it, against that server.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from sae_core.io import atomic_directory, save_sae
-    from sae_core.synthetic import SYNTHETIC_RECIPES, make_sparse_dictionary_data, synthetic_recovery
+    from flows.synthetic import SUMMARY_DIR, SUMMARY_FILE, SYNTHETIC_ARCHITECTURES, synthetic_flow, unknown_architectures
 
-    archs = args.arch or list(SYNTHETIC_RECIPES)
-    unknown = sorted(set(archs) - set(SYNTHETIC_RECIPES))
+    archs = args.arch or list(SYNTHETIC_ARCHITECTURES)
+    unknown = unknown_architectures(archs)
     if unknown:
-        print(f"error: unknown architecture(s) {unknown}; choose from {sorted(SYNTHETIC_RECIPES)}", file=sys.stderr)
+        print(f"error: unknown architecture(s) {unknown}; choose from {sorted(SYNTHETIC_ARCHITECTURES)}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    data = make_sparse_dictionary_data(n_samples=40_960, seed=args.seed)
-    reports = []
+    reports = synthetic_flow(out=args.out, architectures=archs, steps=args.steps, seed=args.seed)
     print(f"{'architecture':<12} {'recovery':>9} {'random':>7} {'EV':>6} {'L0':>6} {'steps':>6} {'seconds':>8}")
-    for arch in archs:
-        report, sae = synthetic_recovery(arch, n_steps=args.steps, seed=args.seed, data=data)
-        save_sae(sae, out / arch)
-        reports.append(asdict(report))
+    for r in reports:
         print(
-            f"{arch:<12} {report.recovery:>9.3f} {report.random_recovery:>7.3f} {report.explained_variance:>6.3f} "
-            f"{report.l0:>6.2f} {report.n_steps:>6d} {report.seconds:>8.1f}",
-            flush=True,
+            f"{r['architecture']:<12} {r['recovery']:>9.3f} {r['random_recovery']:>7.3f} {r['explained_variance']:>6.3f} "
+            f"{r['l0']:>6.2f} {r['n_steps']:>6d} {r['seconds']:>8.1f}"
         )
-    with atomic_directory(out / "summary") as tmp:
-        (tmp / "recovery.json").write_text(json.dumps(reports, indent=2) + "\n")
-    print(f"\nSAEs saved under {out}/<architecture>/ (sae.safetensors + cfg.json); table in {out}/summary/recovery.json")
+    out = Path(args.out)
+    print(f"\nSAEs saved under {out}/<architecture>/ (sae.safetensors + cfg.json); table in {out / SUMMARY_DIR / SUMMARY_FILE}")
     return 0
-
-
-def load_config_section(path: str, section: str) -> dict:
-    """The ``section`` mapping of a YAML config file (validated as a whole PipelineConfig first)."""
-    from flows.configs import ConfigError, load_pipeline_config
-
-    try:
-        cfg = load_pipeline_config(path)
-    except ConfigError as err:
-        raise SystemExit(str(err))
-    return getattr(cfg, section).model_dump()
 
 
 STAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, OSError)
@@ -77,14 +56,10 @@ def _load(args: argparse.Namespace):
 
 def _print_extract(outcome, run_dir: Path) -> None:
     """The extract command's two lines (what it did and where the activations are)."""
-    from data_contracts.activations import read_manifest
+    from flows.stages import extraction_lines
 
-    m = read_manifest(run_dir / "activations")
-    fresh = not outcome.cached and outcome.result.did_work
-    written = 0 if outcome.cached else sum(1 for w in outcome.result.written if w.endswith(".parquet") and w.startswith("activations/"))
-    verb = "extracted" if fresh else "already up to date:"
-    print(f"{verb} {m.model} layer {m.layer} (d={m.d}): " + ", ".join(f"{k} {v} tokens" for k, v in m.tokens_per_split.items()))
-    print(f"activations in {run_dir / 'activations'} ({len(m.shards)} shards, {written} written), documents in {run_dir / 'documents.parquet'}")
+    for line in extraction_lines(outcome, run_dir):
+        print(line)
 
 
 def _print_outcomes(outcomes: dict, run_dir: Path) -> None:
@@ -146,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="seed of the data and the SAEs (default: 0)")
     syn.add_argument("--arch", action="append", help="architecture to train (repeatable; default: all)")
     syn.set_defaults(handler=_synthetic)
-    from tasks.prefect_tasks import STAGES
+    from flows.stages import STAGES
 
     helps = {
         "run": "run the whole pipeline (finished stages come from the cache)",

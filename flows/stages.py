@@ -26,17 +26,15 @@ from pydantic import BaseModel
 from flows.artifacts import publish_stage_artifacts
 from flows.rundir import run_directory_lock
 from tasks.config import DownstreamConfig, EvaluateConfig, ExtractConfig, PipelineConfig, TrainStageConfig
-from tasks.prefect_tasks import (
+from tasks.prefect_tasks import StageOutcome, progress_enabled, run_stage
+from tasks.stage_state import (
     STAGES,
     STATE_DIR,
     MissingInput,
     StageName,
-    StageOutcome,
     clear_outputs,
     missing_inputs,
     outputs_intact,
-    progress_enabled,
-    run_stage,
     stage_cache_key,
 )
 
@@ -141,6 +139,21 @@ def report_flow(
 ) -> StageOutcome:
     """report/report.md and a self-contained report/report.html from whatever the run holds."""
     return run_stage_flow("report", config, run_dir, force, config_file)
+
+
+def extraction_lines(outcome: StageOutcome, run_dir: Path) -> list[str]:
+    """What the extract command prints: what it did, and where the activations and documents are."""
+    from data_contracts.activations import read_manifest
+    from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE
+
+    m = read_manifest(run_dir / ACTIVATIONS_DIR)
+    fresh = not outcome.cached and outcome.result.did_work
+    written = 0 if outcome.cached else sum(1 for w in outcome.result.written if w.endswith(".parquet") and w.startswith(f"{ACTIVATIONS_DIR}/"))
+    verb = "extracted" if fresh else "already up to date:"
+    return [
+        f"{verb} {m.model} layer {m.layer} (d={m.d}): " + ", ".join(f"{k} {v} tokens" for k, v in m.tokens_per_split.items()),
+        f"activations in {run_dir / ACTIVATIONS_DIR} ({len(m.shards)} shards, {written} written), documents in {run_dir / DOCUMENTS_FILE}",
+    ]
 
 
 STAGE_FLOWS = {"extract": extract_flow, "train": train_flow, "evaluate": evaluate_flow, "downstream": downstream_flow, "report": report_flow}

@@ -139,7 +139,7 @@ def test_a_changed_section_recomputes_that_stage_and_the_stages_reading_its_outp
 
 def test_a_stage_run_alone_without_its_inputs_names_the_stage_to_run_first(prefect_harness, tiny_config, tmp_path):
     from flows.stages import evaluate_flow
-    from tasks.prefect_tasks import MissingInput
+    from tasks.stage_state import MissingInput
 
     with pytest.raises(MissingInput, match=r"activations/manifest.json, which is missing: run `sae-ensembles extract`"):
         evaluate_flow(config=tiny_config.evaluate, run_dir=str(tmp_path / "empty"))
@@ -195,7 +195,7 @@ def test_smoke_pipeline_end_to_end_then_fully_cached(prefect_harness, tmp_path):
 
 
 def test_stamps_notice_deleted_and_edited_outputs_and_fingerprints_follow_content(tmp_path):
-    from tasks.prefect_tasks import outputs_fingerprint, outputs_intact, write_stamp
+    from tasks.stage_state import outputs_fingerprint, outputs_intact, write_stamp
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "summary.parquet").write_bytes(b"abc")
