@@ -4,7 +4,7 @@ The J members of a naive-bagging ensemble train as one module (stacked weights, 
 batched matmul per step). Target: per-member throughput of the batched module at least
 that of a single SAE of the same shape, i.e. ratio >= 1.
 
-    python benchmarks/bench_bagging.py [--members 8] [--arch topk] [--d 384] [--k 3072] [--batch 4096]
+    python benchmarks/bench_bagging.py [--members 8] [--arch topk] [--d 384] [--d-sae 3072] [--batch 4096]
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from common import member_tokens_per_second
+from common import TOPK_ACTIVE, member_tokens_per_second
 
 from sae_core import SAEConfig
+from sae_core.registry import uses_k
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--arch", action="append")
     parser.add_argument("--d", type=int, default=384)
-    parser.add_argument("--k", type=int, default=3072)
+    parser.add_argument("--d-sae", type=int, default=3072, help="latents per member")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
@@ -31,10 +32,10 @@ def main() -> None:
     parser.add_argument("--json", default="runs/bench/bagging.json")
     args = parser.parse_args()
     results = []
-    print(f"J={args.members}, d={args.d}, k={args.k}, batch={args.batch}/member, {'bf16' if args.bf16 else 'fp32'}")
+    print(f"J={args.members}, d={args.d}, d_sae={args.d_sae}, batch={args.batch}/member, {'bf16' if args.bf16 else 'fp32'}")
     print(f"{'architecture':<12} {'single tok/s':>13} {'batched tok*mem/s':>18} {'ratio':>6}")
     for arch in args.arch or ["relu", "topk"]:
-        cfg = SAEConfig(architecture=arch, d_in=args.d, d_sae=args.k, **({"k": 32} if arch in ("topk", "batchtopk") else {}))
+        cfg = SAEConfig(architecture=arch, d_in=args.d, d_sae=args.d_sae, **({"k": TOPK_ACTIVE} if uses_k(arch) else {}))
         # alternate the two and keep each one's best round: this machine's throughput
         # drifts by +-20% between runs, which would otherwise land on one side only
         single = batched = 0.0

@@ -31,11 +31,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def random_active_sets(tokens: int, members: int, k: int, l0: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_active_sets(tokens: int, members: int, d_sae: int, l0: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(token, latent) of l0 / members random active latents per member and token."""
     gen = torch.Generator().manual_seed(0)
     per = l0 // members
-    lat = torch.randint(k, (tokens, members, per), generator=gen) + (torch.arange(members) * k)[None, :, None]
+    lat = torch.randint(d_sae, (tokens, members, per), generator=gen) + (torch.arange(members) * d_sae)[None, :, None]
     tok = torch.arange(tokens).repeat_interleave(members * per)
     return tok.int(), lat.reshape(-1).int()
 
@@ -59,13 +59,13 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="also time fp32 stability (~3 min more)")
     parser.add_argument("--json", default="runs/bench/metrics.json")
     args = parser.parse_args()
-    J, k = args.members, args.latents_per_member
+    J, d_sae = args.members, args.latents_per_member
     results: dict = {}
 
     tok, lat = random_active_sets(args.tokens, J, k, args.l0)
-    timed(results, "connectivity", lambda: metrics.connectivity_of_prefixes(tok, lat, args.tokens, [n * k for n in range(1, J + 1)]))
+    timed(results, "connectivity", lambda: metrics.connectivity_of_prefixes(tok, lat, args.tokens, [n * d_sae for n in range(1, J + 1)]))
     del tok, lat
-    dicts = [metrics.random_dictionary_like(torch.empty(J * k, args.d), seed) for seed in range(args.runs)]
+    dicts = [metrics.random_dictionary_like(torch.empty(J * d_sae, args.d), seed) for seed in range(args.runs)]
     timed(results, "stability_bf16", lambda: metrics.stability(dicts, bf16=True))
     print(f"connectivity per J: {[round(v, 4) for v in results['connectivity']['value']]}")
     if args.fp32:

@@ -7,7 +7,7 @@ environment (``.venv-peers``: torch 2.13.0 CPU, sae-lens 6.54.12, dictionary-lea
     dump  (our .venv)   real activations: the embedded MiniLM, layer 3, BBC paragraphs
                         -> runs/bench/activations.safetensors
     run   (.venv-peers, this repository on sys.path)
-                        for ReLU (L1) and TopK (k = 32) at d = 384, k = 3072, batch 4096,
+                        for ReLU (L1) and TopK (k = 32) at d = 384, d_sae = 3072, batch 4096,
                         fp32 and bf16: tokens/s of one full training step of ours,
                         SAELens' ``SAETrainer._train_step`` and dictionary_learning's
                         ``Trainer.update``, interleaved round by round so that drift of
@@ -18,7 +18,7 @@ SAELens its ``autocast=True`` (the same autocast); dictionary_learning's update 
 ``torch.autocast("cpu", bfloat16)`` (its training loop only autocasts on GPU; on CPU it
 casts the activations, which fails against fp32 weights). Everything else is each
 library's default recipe. Also prints the fp32 matmul roofline of the same shapes
-(dense step ≈ 12·d·k FLOP per token) measured in the same process.
+(dense step ≈ 12·d·d_sae FLOP per token) measured in the same process.
 
     python benchmarks/bench_peers.py dump [--tokens 40000]
     python benchmarks/bench_peers.py run [--rounds 3] [--steps 4]
@@ -70,24 +70,26 @@ def batches(data: torch.Tensor, batch: int):
         i += 1
 
 
-def time_ours(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf16: bool, steps: int) -> float:
-    from common import step_seconds
+def time_ours(arch: str, data: torch.Tensor, d: int, d_sae: int, batch: int, bf16: bool, steps: int) -> float:
+    from common import TOPK_ACTIVE, step_seconds
 
     from sae_core import SAEConfig
 
-    cfg = SAEConfig(architecture=arch, d_in=d, d_sae=k, **({"k": 32} if arch == "topk" else {}))
+    cfg = SAEConfig(architecture=arch, d_in=d, d_sae=d_sae, **({"k": TOPK_ACTIVE} if arch == "topk" else {}))
     return batch / min(step_seconds(cfg, data, 1, batch, steps, bf16))
 
 
-def time_sae_lens(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf16: bool, steps: int) -> float:
+def time_sae_lens(arch: str, data: torch.Tensor, d: int, d_sae: int, batch: int, bf16: bool, steps: int) -> float:
+    from common import TOPK_ACTIVE
+
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     if arch == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=k, k=32))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=d_sae, k=TOPK_ACTIVE))
     else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=k, l1_coefficient=5.0))
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=d_sae, l1_coefficient=5.0))
     trainer = SAETrainer(
         SAETrainerConfig(total_training_samples=batch * 10_000, train_batch_size_samples=batch, lr=3e-4,
                          lr_end=3e-4, autocast=bf16, device="cpu"),
@@ -105,12 +107,14 @@ def time_sae_lens(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf1
     return batch / best
 
 
-def time_dictionary_learning(arch: str, data: torch.Tensor, d: int, k: int, batch: int, bf16: bool, steps: int) -> float:
+def time_dictionary_learning(arch: str, data: torch.Tensor, d: int, d_sae: int, batch: int, bf16: bool, steps: int) -> float:
+    from common import TOPK_ACTIVE
+
     from dictionary_learning.trainers.standard import StandardTrainer
     from dictionary_learning.trainers.top_k import TopKTrainer
 
-    common = dict(steps=10_000, activation_dim=d, dict_size=k, layer=3, lm_name="bench", device="cpu", seed=0)
-    trainer = TopKTrainer(k=32, **common) if arch == "topk" else StandardTrainer(l1_penalty=0.1, **common)
+    common = dict(steps=10_000, activation_dim=d, dict_size=d_sae, layer=3, lm_name="bench", device="cpu", seed=0)
+    trainer = TopKTrainer(k=TOPK_ACTIVE, **common) if arch == "topk" else StandardTrainer(l1_penalty=0.1, **common)
     it = batches(data, batch)
     best = float("inf")
     for step in range(steps + 1):
@@ -140,20 +144,20 @@ def run(args) -> None:
     from common import matmul_flops_per_second
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sae-lens {sae_lens.__version__}, "
-          f"dictionary-learning 0.1.0; d={d} k={args.k} batch={args.batch}; {data.shape[0]} real activations; "
+          f"dictionary-learning 0.1.0; d={d} d_sae={args.d_sae} batch={args.batch}; {data.shape[0]} real activations; "
           f"best of {args.rounds} rounds x {args.steps} steps")
     runners = {"ours": time_ours, "SAELens": time_sae_lens, "dictionary_learning": time_dictionary_learning}
     results = []
     header = f"{'architecture':<8} {'dtype':<5} " + " ".join(f"{n:>20}" for n in runners) + f" {'vs fastest peer':>16} {'roofline':>9}"
     print(header)
     for dtype_name, bf16 in (("fp32", False), ("bf16", True)):
-        roofline = matmul_flops_per_second(args.batch, d, args.k, torch.bfloat16 if bf16 else torch.float32) / (12 * d * args.k)
+        roofline = matmul_flops_per_second(args.batch, d, args.d_sae, torch.bfloat16 if bf16 else torch.float32) / (12 * d * args.d_sae)
         for arch in ("relu", "topk"):
             best = dict.fromkeys(runners, 0.0)
             for _ in range(args.rounds):
                 for name, fn in runners.items():
                     torch.manual_seed(0)
-                    best[name] = max(best[name], fn(arch, data, d, args.k, args.batch, bf16, args.steps))
+                    best[name] = max(best[name], fn(arch, data, d, args.d_sae, args.batch, bf16, args.steps))
             peer = max(best["SAELens"], best["dictionary_learning"])
             row = {"architecture": arch, "dtype": dtype_name, **{f"{n}_tokens_per_s": v for n, v in best.items()},
                    "ratio_vs_fastest_peer": best["ours"] / peer, "roofline_tokens_per_s": roofline,
@@ -175,7 +179,7 @@ def main() -> None:
     p_run = sub.add_parser("run", help="time ours and the peers (run in .venv-peers)")
     p_run.add_argument("--activations", default=str(ACTIVATIONS))
     p_run.add_argument("--d", type=int, default=384)
-    p_run.add_argument("--k", type=int, default=3072)
+    p_run.add_argument("--d-sae", type=int, default=3072, help="latents (dictionary size)")
     p_run.add_argument("--batch", type=int, default=4096)
     p_run.add_argument("--rounds", type=int, default=2)
     p_run.add_argument("--steps", type=int, default=3)

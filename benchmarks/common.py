@@ -8,6 +8,9 @@ import torch
 
 from sae_core import SAEConfig, TrainConfig, train_sae
 
+#: active latents per token of the TopK SAEs every benchmark times
+TOPK_ACTIVE = 32
+
 
 def step_seconds(cfg: SAEConfig, data: torch.Tensor, n_members: int, batch: int, steps: int, bf16: bool,
                  fast_paths: bool = True) -> list[float]:
@@ -33,13 +36,13 @@ def member_tokens_per_second(cfg: SAEConfig, n_members: int, batch: int, steps: 
     return batch * n_members / times[len(times) // 2]
 
 
-def matmul_flops_per_second(batch: int, d: int, k: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """FLOP/s of a [batch, d] x [d, k] matmul in ``dtype`` (the roofline's yardstick)."""
+def matmul_flops_per_second(batch: int, d: int, d_sae: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a [batch, d] x [d, d_sae] matmul in ``dtype`` (the roofline's yardstick)."""
     a = torch.randn(batch, d).to(dtype)
-    w = torch.randn(d, k).to(dtype)
+    w = torch.randn(d, d_sae).to(dtype)
     for _ in range(2):
         a @ w
     start = time.perf_counter()
     for _ in range(repeats):
         a @ w
-    return 2 * batch * d * k * repeats / (time.perf_counter() - start)
+    return 2 * batch * d * d_sae * repeats / (time.perf_counter() - start)

@@ -94,10 +94,10 @@ def activation_schema(d: int) -> pa.Schema:
     )
 
 
-# How shards are written. Real residual-stream floats do not compress: snappy saved 0.6%
-# on a MiniLM shard (90k rows, 139 MB) and took twice as long to write as no compression
-# (0.45 vs 0.22 s; reading was the same). Dictionary encoding and min/max statistics of
-# 46M floats are work nobody reads back. The small id columns keep snappy and statistics.
+# How shards are written. Real residual-stream floats do not compress: snappy saves almost
+# nothing on them and doubles the write time (reading is the same; README, "Measurements
+# behind design choices"). Dictionary encoding and min/max statistics of millions of
+# floats are work nobody reads back. The small id columns keep snappy and statistics.
 _ACTIVATION_VALUES = "activation.list.element"  # the Parquet path of the list's values
 SHARD_PARQUET_OPTIONS = {
     "compression": {"doc_id": "snappy", "split": "snappy", "position": "snappy", "token_id": "snappy", _ACTIVATION_VALUES: "none"},
@@ -107,9 +107,9 @@ SHARD_PARQUET_OPTIONS = {
 
 
 # Activation bytes per Parquet row group. The writer builds a row group's list levels and
-# pages in buffers of about its size, fresh memory each time: one 186 MB row group (120k
-# MiniLM tokens) took 0.9-1.1 s to write inside the extraction; the same rows in 16 MB
-# row groups 0.42-0.57 s (32 MB: 0.58-0.69 s).
+# pages in buffers of about its size, fresh memory each time, so one large row group
+# writes about twice as slowly as the same rows in 16 MB row groups (README,
+# "Measurements behind design choices").
 ROW_GROUP_BYTES = 16 << 20
 
 
@@ -235,7 +235,7 @@ def row_summary(table: pa.Table) -> tuple[pd.DataFrame, np.ndarray]:
             "split": table.column("split").to_pandas(),
             # int64 and float64, not the shard's int32/float32: great-expectations' pandas
             # "between" is vectorised only for those dtypes and otherwise calls a Python
-            # function per value (~0.1 s per expectation on a 120k-row shard)
+            # function per value
             "position": table.column("position").to_numpy().astype(np.int64),
             "token_id": table.column("token_id").to_numpy().astype(np.int64),
             "norm": norm.astype(np.float64),

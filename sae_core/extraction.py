@@ -115,7 +115,8 @@ def extract_in_order(
     The forward runs sorted by length (less padding) and each window's kept tokens are
     copied once, as one slice of the hidden states, straight to their final rows of
     preallocated arrays: no per-batch gather and no reordering of the whole result (the
-    two added 0.6-1.2 s to the ~13 s forward of a 120k-token MiniLM shard, measured).
+    two added several percent to the forward's time; README, "Measurements behind design
+    choices").
     ``on_batch(tokens)`` is called after each batch (progress bars).
     """
     spans = [kept_span(w, include_special_tokens) for w in windows]
@@ -125,8 +126,8 @@ def extract_in_order(
     out = ActivationBatch(np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32), np.empty((n, loaded.d_model), np.float32))
     order = length_order(windows)
     for b, (chunk, hidden) in enumerate(padded_batches(loaded, [windows[i] for i in order], batch_size)):
-        # numpy, not torch's copy_: into not yet touched rows, copy_ took 0.25-0.6 s for
-        # 1,074 windows (135k x 384 floats), numpy 0.016 s (measured)
+        # numpy, not torch's copy_: into not yet touched rows, copy_ is an order of magnitude
+        # slower (README, "Measurements behind design choices")
         hidden = hidden.float().numpy()
         members = order[b * batch_size : b * batch_size + len(chunk)]
         for j, i in enumerate(members):

@@ -7,7 +7,7 @@ their (non-special) tokens; a probe is a scikit-learn logistic regression on
 standardised features, one-vs-rest per class, on the k latents whose pooled means
 differ most between the class and the rest on the train split.
 
-Ensembles are encoded once: pooled member codes ``[J, N, k]`` give every prefix
+Ensembles are encoded once: pooled member codes ``[J, N, m]`` give every prefix
 J' = 1..J by re-weighting (:func:`prefix_pooled_codes`), which equals encoding with
 ``Ensemble.prefix(J')`` because mean pooling is linear (tested).
 """
@@ -20,6 +20,8 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from sae_core.numerics import NORM_EPS
 
 
 NEWTON_MAX_FEATURES = 64  # fit_probe: Newton's method up to this many features, lbfgs above
@@ -102,9 +104,9 @@ def pooled_codes(
 def pooled_member_codes(
     ensemble, activations: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_docs: int, batch_size: int = 4096
 ) -> Tensor:
-    """Each member's own mean-pooled codes (without α): [J, n_docs, k].
+    """Each member's own mean-pooled codes (without α): [J, n_docs, m].
 
-    ``ensemble.member_codes(a)`` gives [J, B, k] (boosting members read their residuals).
+    ``ensemble.member_codes(a)`` gives [J, B, m] (boosting members read their residuals).
     Encoding once here serves every prefix through :func:`prefix_pooled_codes`.
     """
     a = torch.as_tensor(activations, dtype=torch.float32)
@@ -112,7 +114,7 @@ def pooled_member_codes(
     J, k = ensemble.n_members, ensemble.member_cfg.d_sae
     sums = torch.zeros(J, n_docs, k)
     for start in range(0, a.shape[0], batch_size):
-        codes = ensemble.member_codes(a[start : start + batch_size]).float()  # [J, B, k]
+        codes = ensemble.member_codes(a[start : start + batch_size]).float()  # [J, B, m]
         sums.index_add_(1, index[start : start + batch_size], codes)
     counts = torch.bincount(index, minlength=n_docs).float()
     if bool((counts == 0).any()):
@@ -121,7 +123,7 @@ def pooled_member_codes(
 
 
 def prefix_pooled_codes(pooled_members: Tensor, alpha: Tensor) -> Tensor:
-    """Pooled codes of a prefix ensemble, [α_1 c̄^(1); …; α_n c̄^(n)]: [J, N, k] -> [N, n·k].
+    """Pooled codes of a prefix ensemble, [α_1 c̄^(1); …; α_n c̄^(n)]: [J, N, m] -> [N, n·k].
 
     alpha = ``ensemble.prefix_alpha(n)`` (the one definition of a prefix's weights);
     equal to ``pooled_codes(ensemble.prefix(n), ...)`` since pooling is
@@ -179,10 +181,10 @@ def fit_probe(x: np.ndarray | Tensor, y: np.ndarray, *, C: float = 1.0, max_iter
         raise ValueError(f"a probe needs both classes 0 and 1 in its train rows; got {classes.tolist()}")
     mean = x.mean(0)
     scale = x.std(0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
+    scale = np.where(scale > NORM_EPS, scale, 1.0)
     # Both solvers minimise the same objective (L2, unpenalised intercept). On few features
-    # newton-cholesky is ~15x faster (lbfgs spends ~40 ms per fit in scipy overhead); on
-    # hundreds of features (the dense baseline) its k×k Hessian makes it ~20x slower.
+    # newton-cholesky is much faster (lbfgs's per-fit scipy overhead dominates); on hundreds
+    # of features (the dense baseline) its features × features Hessian makes it much slower.
     if x.shape[1] <= NEWTON_MAX_FEATURES:
         model = LogisticRegression(C=C, max_iter=max_iter, solver="newton-cholesky", tol=1e-8)
     else:

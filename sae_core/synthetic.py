@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
+
+from sae_core.numerics import NORM_EPS
 
 if TYPE_CHECKING:
     from sae_core.saes.base import SAE
@@ -49,8 +50,8 @@ def make_sparse_dictionary_data(
 def mean_max_cosine(reference: Tensor, learned: Tensor) -> float:
     """Mean over rows of ``reference`` [n, d] of the max cosine to any row of ``learned`` [m, d]."""
     reference, learned = reference.detach().float(), learned.detach().float()
-    ref = reference / reference.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    lrn = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ref = reference / reference.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    lrn = learned / learned.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
     return float((ref @ lrn.T).max(dim=1).values.mean())
 
 
