@@ -61,7 +61,8 @@ bench-pipeline: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py --json runs/bench/pipeline.json
 
 # SAELens and dictionary_learning in their own environment, timed against ours on the same
-# real activations in one process (benchmarks/bench_peers.py). torch stays at 2.13.0 CPU;
+# real activations in one process, then each library's held-out FVU after the same steps on
+# the same batches (benchmarks/bench_peers.py). torch stays at 2.13.0 CPU;
 # dictionary-learning goes in without its dependencies (they pull a CUDA torchvision that
 # breaks imports next to the CPU torch), plus the two it imports (nnsight, einops).
 PEERS_VENV := .venv-peers
@@ -73,5 +74,5 @@ $(PEERS_STAMP):
 	@touch $(PEERS_STAMP)
 
 bench-peers: $(STAMP) $(PEERS_STAMP)
-	@test -f runs/bench/activations.safetensors || $(PY) benchmarks/bench_peers.py dump
+	$(PY) benchmarks/bench_peers.py dump
 	$(PEERS_VENV)/bin/python -W ignore benchmarks/bench_peers.py run --json runs/bench/peers.json

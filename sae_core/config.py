@@ -108,14 +108,40 @@ class TrainConfig(_Strict):
         default="geometric_median", description="Initial decoder bias from a data sample."
     )
     b_dec_init_samples: int = Field(default=8192, gt=0, description="Sample size for b_dec init.")
+    encoder_init_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="Initial encoder: W_enc = encoder_init_norm · W_decᵀ, the decoder rows random unit vectors. "
+        "None: 0.1 for L1-type SAEs (relu, gated), 1 (tied) otherwise. With a tied encoder, a ReLU SAE of "
+        "d_sae = 8d starts with half its latents on and a reconstruction about 4.5 times the (centred) input, "
+        "and learns far more slowly (README, 'Learning as fast as the peers'); 0.1 makes it 0.45 times. Decoder rows stay unit norm (SPEC "
+        "§5), so this is the start that small-norm decoder rows with W_enc = W_decᵀ (Anthropic's April 2024 "
+        "update, SAELens' decoder_init_norm 0.1, dictionary_learning) reach once one step has renormalised them.",
+    )
     normalize_decoder: bool = Field(
         default=True,
         description="Keep decoder rows at unit norm (projection of their gradient + renormalisation).",
     )
-    dead_tokens_threshold: int = Field(
-        default=1_000_000,
+    freeze_decoder: bool = Field(
+        default=False,
+        description="Keep W_dec at its seeded random unit-norm initialisation for the whole run (no gradient, "
+        "no optimizer step, no renormalisation); b_dec, the encoder and every other parameter train as usual. "
+        "This is the random-decoder baseline (SPEC §5): same width and sparsity, trained encoder.",
+    )
+    dead_window_fraction: float = Field(
+        default=0.1,
         gt=0,
-        description="A latent that has not fired for this many tokens counts as dead (AuxK, stats).",
+        le=1,
+        description="Dead-latent window as a fraction of the run: a latent that has not fired for "
+        "round(dead_window_fraction · n_steps) steps (at least 1) of batch_size tokens counts as dead, for "
+        "AuxK and the logged dead fraction. Scaling with the run makes AuxK act in short runs too (150 steps: "
+        "a window of 15 steps), as SAELens' window in steps does; dead_tokens_threshold overrides it.",
+    )
+    dead_tokens_threshold: int | None = Field(
+        default=None,
+        gt=0,
+        description="Absolute dead-latent window in tokens (e.g. OpenAI's 10,000,000); None: "
+        "dead_window_fraction of the run's tokens.",
     )
     sparsity_coefficient: float = Field(
         default=1.0,
@@ -127,7 +153,10 @@ class TrainConfig(_Strict):
         default=None, description="Anneal the sparsity exponent p (relu and gated only)."
     )
     aux_k: int | None = Field(
-        default=None, gt=0, description="Dead latents used by AuxK (topk/batchtopk); default d_in // 2."
+        default=None,
+        gt=0,
+        description="Dead latents used by AuxK (topk/batchtopk); None: d_sae // 2 of the SAE being trained "
+        "(so an expanded SAE of J·d_sae latents gets J·d_sae // 2).",
     )
     aux_coefficient: float = Field(default=1 / 32, ge=0, description="Weight of the AuxK loss.")
     jumprelu_bandwidth: float = Field(default=0.05, gt=0, description="Width epsilon of the rectangle kernel.")
@@ -144,6 +173,30 @@ class TrainConfig(_Strict):
         default=None, gt=0, description="Write a resumable checkpoint every this many steps."
     )
     log_every: int = Field(default=50, gt=0, description="Record training statistics every this many steps.")
+
+    @property
+    def dead_window_tokens(self) -> int:
+        """Tokens without a firing after which a latent counts as dead (see dead_window_fraction)."""
+        if self.dead_tokens_threshold is not None:
+            return self.dead_tokens_threshold
+        return max(round(self.dead_window_fraction * self.n_steps), 1) * self.batch_size
+
+    def dead_window_description(self) -> str:
+        """The dead-latent window in words, e.g. "15,360 tokens (15 steps of 1,024; 0.1 of the run)"."""
+        if self.dead_tokens_threshold is not None:
+            return f"{self.dead_tokens_threshold:,} tokens"
+        steps = self.dead_window_tokens // self.batch_size
+        return f"{self.dead_window_tokens:,} tokens ({steps} steps of {self.batch_size:,}; {self.dead_window_fraction:g} of the run)"
+
+    def initial_encoder_norm(self, sparsity: str) -> float:
+        """encoder_init_norm, or its default for an SAE whose ``sparsity`` kind is "l1", "l0" or "k"."""
+        if self.encoder_init_norm is not None:
+            return self.encoder_init_norm
+        return 0.1 if sparsity == "l1" else 1.0
+
+    def auxk_latents(self, d_sae: int) -> int:
+        """aux_k, or d_sae // 2 of the SAE being trained (at least 1)."""
+        return self.aux_k if self.aux_k is not None else max(d_sae // 2, 1)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":

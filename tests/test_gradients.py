@@ -155,19 +155,23 @@ def _step_and_grads(sae, a: torch.Tensor, ctx: LossContext, bf16: bool):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = sae.training_loss(a, ctx)
     out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in sae.named_parameters()} | {"input": a.grad.clone()}
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.requires_grad}
+    return out, grads | {"input": a.grad.clone()}
 
 
 def _topk_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: bool = False, dead_fraction: float = 0.3,
-                           sparse_max_fraction: float = 1.0):
+                           sparse_max_fraction: float = 1.0, freeze_decoder: bool = False):
     """Loss output and every gradient (parameters and input) of one TopK step, fast or reference.
 
-    k = 5 and aux_k = 6 of 40 latents: sparse_max_fraction 1.0 runs both sparse kernels,
-    0.13 the sparse main step with the dense AuxK."""
+    k = 5 and aux_k = 6 of 40 latents: sparse_max_fraction 1.0 runs both sparse kernels;
+    0.13 the sparse main step, with the sparse AuxK when at most 5 latents of a member are
+    dead, else the dense AuxK; 0.1 the dense main step, with the sparse AuxK (gathered from
+    the graph-carrying pre-activations) when at most 4 are dead, else the dense AuxK."""
     cfg = SAEConfig(architecture="topk", d_in=12, d_sae=40, k=5, apply_b_dec_to_input=apply_b_dec_to_input)
     sae = build_sae(cfg, n_members=3)
     sae.sparse_max_fraction = sparse_max_fraction
     sae.initialize([torch.Generator().manual_seed(s) for s in range(3)])
+    sae.W_dec.requires_grad_(not freeze_decoder)
     with torch.no_grad():
         sae.b_dec.normal_(generator=torch.Generator().manual_seed(7))
         sae.b_enc.normal_(std=0.1, generator=torch.Generator().manual_seed(10))
@@ -178,14 +182,15 @@ def _topk_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: 
     return _step_and_grads(sae, a, ctx, bf16)
 
 
-@pytest.mark.parametrize("sparse_max_fraction", [1.0, 0.13])
+@pytest.mark.parametrize("sparse_max_fraction", [1.0, 0.13, 0.1])
 @pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
 @pytest.mark.parametrize("dead_fraction", [0.0, 0.05, 0.3])
 def test_sparse_topk_training_step_equals_the_dense_autograd_step(apply_b_dec_to_input, dead_fraction, sparse_max_fraction):
     """The sparse TopK kernels (selected_pre_activations, sparse_decode, sparse AuxK) against
     the dense autograd step: same losses, reconstruction, activity and every gradient (fp32,
-    rtol 1e-4). dead_fraction 0.05 leaves fewer dead latents (2) than aux_k (6), so AuxK
-    also picks live latents, which must contribute nothing."""
+    rtol 1e-4). dead_fraction 0.05 leaves the three members 0, 2 and 4 dead latents, fewer
+    than aux_k (6), so AuxK also picks live latents (dense) or padding (sparse), which must
+    contribute nothing; 0.3 leaves 5, 11 and 12."""
     fast, fast_grads = _topk_losses_and_grads(True, apply_b_dec_to_input, dead_fraction=dead_fraction,
                                               sparse_max_fraction=sparse_max_fraction)
     slow, slow_grads = _topk_losses_and_grads(False, apply_b_dec_to_input, dead_fraction=dead_fraction)
@@ -219,7 +224,7 @@ def test_sparse_decode_equals_dense_decode_and_its_gradients():
         assert torch.allclose(f, t.grad, atol=1e-5)
 
 
-def _relu_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: bool = False):
+def _relu_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: bool = False, freeze_decoder: bool = False):
     """Loss output and every gradient (parameters and input) of one ReLU step, fused or autograd."""
     cfg = SAEConfig(architecture="relu", d_in=12, d_sae=40, apply_b_dec_to_input=apply_b_dec_to_input)
     sae = build_sae(cfg, n_members=3)
@@ -228,6 +233,7 @@ def _relu_losses_and_grads(fast: bool, apply_b_dec_to_input: bool = True, bf16: 
         sae.b_dec.normal_(generator=torch.Generator().manual_seed(7))
         sae.b_enc.normal_(std=0.3, generator=torch.Generator().manual_seed(10))
         sae.W_dec.mul_(torch.rand(3, 40, 1, generator=torch.Generator().manual_seed(11)) + 0.5)  # non-unit rows
+    sae.W_dec.requires_grad_(not freeze_decoder)
     a = torch.randn(3, 64, 12, generator=torch.Generator().manual_seed(8)).requires_grad_(True)
     ctx = LossContext(train_cfg=TrainConfig(n_steps=1, fast_paths=fast), sparsity_coefficient=torch.tensor([0.5, 1.0, 2.0]))
     return _step_and_grads(sae, a, ctx, bf16)
@@ -261,3 +267,26 @@ def test_fast_steps_match_the_autograd_step_under_bf16_autocast(arch, tolerance)
     for name, g in slow_grads.items():
         err = float((fast_grads[name] - g).norm() / g.norm())
         assert err < tolerance, (name, err)
+
+
+@pytest.mark.parametrize("step", ["relu", "topk_sparse", "topk_sparse_dense_auxk"])
+def test_fast_steps_with_a_frozen_decoder_equal_the_autograd_step(step):
+    """freeze_decoder: W_dec does not require a gradient. The fused ReLU step and the sparse
+    TopK kernels then skip W_dec's gradient, and every other gradient equals the reference
+    step's, frozen or not (freezing only drops W_dec's gradient)."""
+    if step == "relu":
+        run = _relu_losses_and_grads
+    else:
+        fraction = 1.0 if step == "topk_sparse" else 0.13
+
+        def run(fast, freeze_decoder=False):
+            return _topk_losses_and_grads(fast, sparse_max_fraction=fraction, freeze_decoder=freeze_decoder)
+
+    fast, fast_grads = run(True, freeze_decoder=True)
+    slow, slow_grads = run(False, freeze_decoder=True)
+    _, unfrozen_grads = run(False)
+    assert "W_dec" not in fast_grads and "W_dec" not in slow_grads and "W_dec" in unfrozen_grads
+    assert torch.allclose(fast.per_member, slow.per_member, rtol=1e-5)
+    for name, g in slow_grads.items():
+        assert torch.allclose(fast_grads[name], g, rtol=1e-4, atol=1e-5), name
+        assert torch.equal(g, unfrozen_grads[name]), name

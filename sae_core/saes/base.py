@@ -132,24 +132,28 @@ class SAE(nn.Module):
         b_dec: Tensor | None = None,
         train_cfg: TrainConfig | None = None,
     ) -> None:
-        """Seeded init, member j from ``generators[j]``: random unit decoder rows, tied encoder.
+        """Seeded init, member j from ``generators[j]``: random unit decoder rows, W_enc = s · W_decᵀ.
 
-        ``b_dec`` ([d] or [J, d]) sets the decoder bias (e.g. a geometric median);
-        ``train_cfg`` supplies architecture-specific initial values (JumpReLU threshold).
+        s = ``train_cfg.initial_encoder_norm(self.sparsity)``: 0.1 for L1-type SAEs, 1 (tied)
+        otherwise, unless set. ``b_dec`` ([d] or [J, d]) sets the decoder bias (e.g. a
+        geometric median); ``train_cfg`` also supplies architecture-specific initial values
+        (JumpReLU threshold).
         """
         if len(generators) != self.n_members:
             raise ValueError(f"need one generator per member ({self.n_members}), got {len(generators)}")
+        train_cfg = train_cfg or TrainConfig(n_steps=1)
+        encoder_norm = train_cfg.initial_encoder_norm(self.sparsity)
         for j, gen in enumerate(generators):
             w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
             w /= w.norm(dim=-1, keepdim=True)
             self.W_dec[j].copy_(w)
-            self.W_enc[j].copy_(w.T)
+            self.W_enc[j].copy_(w.T * encoder_norm)  # x · 1.0 is exact: TopK-type inits are unchanged
         getattr(self, self.encoder_bias_name).zero_()
         if b_dec is not None:
             self.b_dec.copy_(b_dec.expand_as(self.b_dec))
         else:
             self.b_dec.zero_()
-        self._init_extra(train_cfg or TrainConfig(n_steps=1))
+        self._init_extra(train_cfg)
 
     def _init_extra(self, train_cfg: TrainConfig) -> None:
         """Architecture-specific parameters (thresholds, gates) after the shared init."""
@@ -234,8 +238,8 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self, train_cfg: TrainConfig) -> None:
-        """Constraints applied after every step (unit-norm decoder rows by default)."""
-        if train_cfg.normalize_decoder:
+        """Constraints applied after every step (unit-norm decoder rows by default; a frozen decoder is left alone)."""
+        if train_cfg.normalize_decoder and not train_cfg.freeze_decoder:
             self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
     @torch.no_grad()

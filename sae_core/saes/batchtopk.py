@@ -63,7 +63,7 @@ class BatchTopKSAE(SAE):
             self.update_threshold(codes.detach(), ctx.train_cfg.batchtopk_threshold_rate)
         recon = self.decode_members(codes)
         mse = squared_error(a, recon)
-        aux_k = ctx.train_cfg.aux_k or max(self.cfg.d_in // 2, 1)
+        aux_k = ctx.train_cfg.auxk_latents(self.cfg.d_sae)
         aux = auxk_loss(self, pre, (a - recon).detach(), ctx.dead_mask, aux_k)
         per_member = mse + ctx.train_cfg.aux_coefficient * aux
         return LossOutput(

@@ -88,10 +88,12 @@ class _FusedReLUStep(torch.autograd.Function):
         g_sparsity = torch.zeros(J) if g_sparsity is None else g_sparsity.float()
         d_recon = err * (2.0 / B * g_mse)[:, None, None]  # [J, B, d] fp32
         d_recon_c = d_recon.to(dtype)
-        d_W_dec = torch.bmm(codes.transpose(1, 2), d_recon_c).float()  # [J, m, d]
-        # ||f_i|| term of the sparsity: d/dW_dec[i] of (Σ_t c_ti / B) ||f_i||
-        safe = norms.clamp_min(NORM_EPS)
-        d_W_dec += (g_sparsity[:, None] * col_sums / B / safe)[:, :, None] * W_dec
+        d_W_dec = None
+        if ctx.needs_input_grad[3]:  # not for a frozen decoder (TrainConfig.freeze_decoder)
+            d_W_dec = torch.bmm(codes.transpose(1, 2), d_recon_c).float()  # [J, m, d]
+            # ||f_i|| term of the sparsity: d/dW_dec[i] of (Σ_t c_ti / B) ||f_i||
+            safe = norms.clamp_min(NORM_EPS)
+            d_W_dec += (g_sparsity[:, None] * col_sums / B / safe)[:, :, None] * W_dec
         d_codes = torch.bmm(d_recon_c, W_dec_c.transpose(1, 2))  # [J, B, m]
         d_codes += (g_sparsity[:, None] * norms / B).to(dtype)[:, None, :]
         d_pre = torch.ops.aten.threshold_backward(d_codes, codes, 0)  # zero where the unit is off

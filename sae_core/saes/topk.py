@@ -46,27 +46,58 @@ def auxk_loss(sae: SAE, pre: Tensor, residual: Tensor, dead_mask: Tensor | None,
     return scale * err / denom
 
 
-def sparse_auxk_loss(sae: SAE, pre: Tensor, a: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int) -> Tensor:
-    """:func:`auxk_loss` touching only the ``aux_k`` selected dead latents per token.
+def top_dead_latents(pre: Tensor, dead_mask: Tensor | None, aux_k: int) -> tuple[Tensor, Tensor] | None:
+    """Per token, the dead latents AuxK uses, found among the dead columns only (no gradient).
 
-    ``pre`` is the dense pre-activation computed without a graph; the gradient reaches
-    W_enc, b_enc, b_dec through :func:`selected_pre_activations` and W_dec through
-    :func:`sparse_decode`. Latents that are not dead (picked only when fewer than aux_k
-    are dead) get the value 0, as in the dense version.
+    pre [J, B, m], dead_mask [J, m] -> (indices [J, B, k'], is_dead [J, B, k'] bool) with
+    k' = min(aux_k, max_j n_dead_j): the k' dead latents of largest ReLU'd pre-activation. A
+    member with fewer than k' dead latents gets padding entries (is_dead False, value 0), as
+    the dense version picks live latents at value 0. None when no latent is dead. Only the
+    n_dead columns are searched, so a large aux_k (d_sae / 2) with few dead latents costs little.
+    """
+    if dead_mask is None:
+        return None
+    with torch.no_grad():
+        n_dead = dead_mask.sum(-1)  # [J]
+        n_max = int(n_dead.max())
+        if n_max == 0:
+            return None
+        J, B, _ = pre.shape
+        dead_idx = torch.argsort((~dead_mask).to(torch.int8), dim=-1, stable=True)[:, :n_max]  # dead first
+        valid = torch.arange(n_max, device=pre.device)[None, :] < n_dead[:, None]  # [J, n_max]
+        candidates = torch.relu(pre.detach().gather(-1, dead_idx[:, None, :].expand(J, B, n_max)))
+        candidates *= valid[:, None, :].to(candidates.dtype)
+        picked = candidates.topk(min(aux_k, n_max), dim=-1, sorted=False).indices
+        indices = dead_idx[:, None, :].expand(J, B, n_max).gather(-1, picked)
+        is_dead = valid[:, None, :].expand(J, B, n_max).gather(-1, picked)
+    return indices, is_dead
+
+
+def sparse_auxk_loss(
+    sae: SAE, pre: Tensor, a: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int,
+    top: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """:func:`auxk_loss` touching only the selected dead latents per token (:func:`top_dead_latents`).
+
+    ``pre`` is the dense pre-activation, either computed without a graph (the gradient then
+    reaches W_enc, b_enc, b_dec through :func:`selected_pre_activations`) or carrying one
+    (the selected entries are gathered from it); W_dec gets its gradient through
+    :func:`sparse_decode`. ``top``: the selection, if already computed.
     """
     J = pre.shape[0]
-    if dead_mask is None or not bool(dead_mask.any()):
+    top = top if top is not None else top_dead_latents(pre, dead_mask, aux_k)
+    if top is None:
         return torch.zeros(J, device=pre.device)
-    k_aux = min(aux_k, pre.shape[-1])
-    with torch.no_grad():
-        masked = torch.relu(pre) * dead_mask[:, None, :].to(pre.dtype)
-        indices = masked.topk(k_aux, dim=-1, sorted=False).indices
-        is_dead = dead_mask[:, None, :].expand(-1, pre.shape[1], -1).gather(-1, indices)
-    selected = selected_pre_activations(pre, indices, a, sae.W_enc, sae.b_enc, sae.b_dec, sae.cfg.apply_b_dec_to_input)
+    assert dead_mask is not None
+    indices, is_dead = top
+    if pre.requires_grad:
+        selected = pre.gather(-1, indices)
+    else:
+        selected = selected_pre_activations(pre, indices, a, sae.W_enc, sae.b_enc, sae.b_dec, sae.cfg.apply_b_dec_to_input)
     values = torch.relu(selected) * is_dead.to(selected.dtype)
     e_hat = sparse_decode(values, indices, sae.W_dec, torch.zeros_like(sae.b_dec))
     err = squared_error(residual, e_hat)
-    scale, denom = _auxk_scale(residual, dead_mask, k_aux)
+    scale, denom = _auxk_scale(residual, dead_mask, min(aux_k, pre.shape[-1]))
     return scale * err / denom
 
 
@@ -92,19 +123,33 @@ class TopKSAE(SAE):
     def _sparse_pays(self, m: int) -> bool:
         return m <= self.sparse_max_fraction * self.cfg.d_sae
 
+    def _fast_auxk(self, pre: Tensor, a: Tensor, residual: Tensor, dead_mask: Tensor | None, aux_k: int) -> Tensor:
+        """AuxK of the fast step: sparse over the picked dead latents when they are few, else dense.
+
+        ``pre`` [J, B, m] may carry a graph (dense main step) or not (sparse main step).
+        """
+        top = top_dead_latents(pre, dead_mask, aux_k)
+        if top is None:
+            return torch.zeros(self.n_members, device=a.device)
+        if self._sparse_pays(top[0].shape[-1]):
+            return sparse_auxk_loss(self, pre, a, residual, dead_mask, aux_k, top)
+        return auxk_loss(self, pre if pre.requires_grad else self.pre_activation(a), residual, dead_mask, aux_k)
+
     def training_loss(self, a: Tensor, ctx: LossContext) -> LossOutput:
         """Sparse step when ``train_cfg.fast_paths`` and k / d_sae <= ``sparse_max_fraction``.
 
         The dense pre-activations are computed without a graph; the k selected entries
         per token carry the gradient (:func:`selected_pre_activations`) and are decoded
-        from k decoder rows (:func:`sparse_decode`); AuxK likewise if its aux_k latents
-        are few enough, else densely from a graph-carrying pre-activation (only on steps
-        with dead latents). Otherwise, and with ``fast_paths=False``, the plain dense
-        autograd step runs (same loss and gradients, tested).
+        from k decoder rows (:func:`sparse_decode`). Otherwise the plain dense autograd
+        step runs. With ``fast_paths``, AuxK (only on steps with dead latents) searches the
+        dead columns only and decodes its picks sparsely if they are few enough, else it
+        runs densely (:meth:`_fast_auxk`). ``fast_paths=False`` runs the plain dense
+        autograd step and AuxK (same loss and gradients, tested).
         """
         assert self.cfg.k is not None
-        aux_k = ctx.train_cfg.aux_k or max(self.cfg.d_in // 2, 1)
-        if ctx.train_cfg.fast_paths and self._sparse_pays(self.cfg.k):
+        aux_k = ctx.train_cfg.auxk_latents(self.cfg.d_sae)
+        fast = ctx.train_cfg.fast_paths
+        if fast and self._sparse_pays(self.cfg.k):
             with torch.no_grad():
                 # the bias is added in place, in the product's dtype: under bf16 autocast an
                 # out-of-place add would promote the whole [J, B, m] tensor to fp32
@@ -114,19 +159,16 @@ class TopKSAE(SAE):
             selected = selected_pre_activations(pre, indices, a, self.W_enc, self.b_enc, self.b_dec, self.cfg.apply_b_dec_to_input)
             values = torch.relu(selected)
             recon = sparse_decode(values, indices, self.W_dec, self.b_dec)
-            residual = (a - recon).detach()
-            if self._sparse_pays(min(aux_k, self.cfg.d_sae)):
-                aux = sparse_auxk_loss(self, pre, a, residual, ctx.dead_mask, aux_k)
-            elif ctx.dead_mask is not None and bool(ctx.dead_mask.any()):
-                aux = auxk_loss(self, self.pre_activation(a), residual, ctx.dead_mask, aux_k)
-            else:
-                aux = torch.zeros(self.n_members, device=a.device)
         else:
             pre = self.pre_activation(a)
             topk = pre.topk(self.cfg.k, dim=-1, sorted=False)
             indices, values = topk.indices, torch.relu(topk.values)
             recon = self.decode_members(torch.zeros_like(pre).scatter(-1, indices, values))
-            aux = auxk_loss(self, pre, (a - recon).detach(), ctx.dead_mask, aux_k)
+        residual = (a - recon).detach()
+        if fast:
+            aux = self._fast_auxk(pre, a, residual, ctx.dead_mask, aux_k)
+        else:
+            aux = auxk_loss(self, pre, residual, ctx.dead_mask, aux_k)
         mse = squared_error(a, recon)
         per_member = mse + ctx.train_cfg.aux_coefficient * aux
         with torch.no_grad():

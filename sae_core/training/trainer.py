@@ -102,6 +102,17 @@ def build_sae(cfg: SAEConfig, n_members: int = 1) -> SAE:
     return get_architecture(cfg.architecture)(cfg, n_members=n_members)
 
 
+def initialized_sae(sae_cfg: SAEConfig, activations: Tensor, train_cfg: TrainConfig, seeds: list[int]) -> SAE:
+    """The module :func:`train_sae` starts from: member j seeded by ``seeds[j]``, b_dec from the data.
+
+    activations: [N, d_in] float tensor (the b_dec sample is drawn from it).
+    """
+    sae = build_sae(sae_cfg, n_members=len(seeds))
+    b_dec = initial_b_dec(activations, train_cfg.b_dec_init, train_cfg.b_dec_init_samples)
+    sae.initialize([seeded_generator(s, _INIT) for s in seeds], b_dec=b_dec, train_cfg=train_cfg)
+    return sae
+
+
 def _check_activations(activations: Tensor, cfg: SAEConfig) -> None:
     if not isinstance(activations, Tensor) or activations.ndim != 2:
         shape = tuple(activations.shape) if isinstance(activations, Tensor) else type(activations).__name__
@@ -237,9 +248,10 @@ def train_sae(
     activations = activations.float()
     sampler = BatchSampler(seeds, activations.shape[0], train_cfg.batch_size, train_cfg.bootstrap)
 
-    sae = build_sae(sae_cfg, n_members=J)
-    b_dec = initial_b_dec(activations, train_cfg.b_dec_init, train_cfg.b_dec_init_samples)
-    sae.initialize([seeded_generator(s, _INIT) for s in seeds], b_dec=b_dec, train_cfg=train_cfg)
+    sae = initialized_sae(sae_cfg, activations, train_cfg, seeds)
+    # A frozen decoder gets no gradient: every step (fused and sparse kernels included) skips
+    # its gradient, Adam skips it (no state), clipping ignores it, nothing renormalises it.
+    sae.W_dec.requires_grad_(not train_cfg.freeze_decoder)
     params = list(sae.parameters())
     optimizer = torch.optim.Adam(
         params, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.adam_eps
@@ -269,7 +281,7 @@ def train_sae(
         history = [TrainingRecord.from_json(r) for r in meta["history"]]
         start_step = resumed_from = int(meta["step"])
 
-    dead_threshold = train_cfg.dead_tokens_threshold
+    dead_threshold = train_cfg.dead_window_tokens
     B = train_cfg.batch_size
     for step in range(start_step, train_cfg.n_steps):
         x = activations[sampler.indices(step).reshape(-1)].view(J, B, sae_cfg.d_in)
@@ -322,5 +334,6 @@ def train_sae(
         if callback is not None:
             callback(done, sae, record)
 
+    sae.W_dec.requires_grad_(True)
     sae.eval()
     return TrainResult(sae=sae, history=history, resumed_from_step=resumed_from)
