@@ -44,8 +44,13 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("diversity_fraction", 0.0, 1.0, "higher", "diversity (fraction)", in_grid=True),
     MetricSpec("stability", 0.0, 1.0, "higher", "stability (relaxed max cosine)", in_grid=True),
     MetricSpec("stability_matched", -1.0, 1.0, "higher", "stability (matched, PW-MCC)", in_grid=True),
+    MetricSpec("stability_shared", 0.0, 1.0, "higher", "stability (shared: fraction matched at cosine ≥ 0.7)", in_grid=True),
     MetricSpec("stability_random", 0.0, 1.0, None, "stability of random dictionaries (floor)"),
     MetricSpec("stability_matched_random", -1.0, 1.0, None, "matched stability of random dictionaries (floor)"),
+    MetricSpec("stability_shared_random", 0.0, 1.0, None, "shared fraction of random dictionaries (floor)"),
+    MetricSpec("stability_corrected", -1.0, 1.0, "higher", "stability minus its random floor", in_grid=True),
+    MetricSpec("stability_matched_corrected", -2.0, 2.0, "higher", "matched stability minus its random floor"),
+    MetricSpec("stability_shared_corrected", -1.0, 1.0, "higher", "shared fraction minus its random floor"),
     MetricSpec("c_dec", 0.0, 1.0, None, "c_dec (mean |cos| of decoder rows)", in_grid=True),
     MetricSpec("ce_loss_recovered", None, None, "higher", "CE loss recovered"),
     MetricSpec("kl_divergence", 0.0, None, "lower", "KL divergence to the clean model"),
@@ -55,6 +60,16 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+
+#: metric -> (its floor: the same quantity on untrained dictionaries of the same shapes, the
+#: metric minus that floor, run by run). The claims compare the corrected values: the floor
+#: itself moves with the dictionaries' sizes (relaxed stability of random dictionaries rises
+#: with the other runs' width), so raw values across J or widths are not comparable.
+FLOORS: dict[str, tuple[str, str]] = {
+    "stability": ("stability_random", "stability_corrected"),
+    "stability_matched": ("stability_matched_random", "stability_matched_corrected"),
+    "stability_shared": ("stability_shared_random", "stability_shared_corrected"),
+}
 _CATALOG = Catalog(METRICS, "metric")
 #: metric_spec(name) -> MetricSpec (a KeyError lists the known ones); metric_rank(name) ->
 #: its position in tables (unknown names last); ordered_metrics(names) -> table order

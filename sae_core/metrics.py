@@ -160,6 +160,13 @@ def dead_fraction(fired: Tensor) -> float:
 # Dictionaries are [m, d] (one row per latent, SAELens orientation). Pairwise cosines are
 # computed in row blocks of ``chunk`` rows, so memory stays at chunk × m, never m × m.
 
+#: matched cosine at which a latent counts as shared between two runs (Paulo & Belrose)
+SHARED_COSINE = 0.7
+#: largest dictionary matched exactly (Hungarian: dense n × m matrix, O(m³) time)
+HUNGARIAN_MAX_LATENTS = 1536
+#: best partners per row and per column in the sparse candidate graph above that size
+MATCHING_CANDIDATES = 8
+
 
 def unit_rows(W: Tensor) -> Tensor:
     """Rows scaled to unit norm (all-zero rows stay zero): [m, d] -> [m, d] float32."""
@@ -241,17 +248,150 @@ def stability(dictionaries: list[Tensor], chunk: int = 1024, bf16: bool = False)
     return [float(b.double().mean()) for b in best]
 
 
-def stability_matched(W1: Tensor, W2: Tensor) -> float:
-    """Mean cosine of a Hungarian one-to-one matching of the rows of W1 [n, d] and W2 [m, d].
+def stability_matched(W1: Tensor, W2: Tensor, *, exact_max: int = HUNGARIAN_MAX_LATENTS,
+                      candidates: int = MATCHING_CANDIDATES, bf16: bool = False) -> float:
+    """PW-MCC: the mean cosine of the one-to-one matching :func:`match_rows` of the rows of
+    W1 [n, d] and W2 [m, d] (min(n, m) pairs; exact_max, candidates, bf16: as there)."""
+    return stability_matched_from(match_rows(W1, W2, exact_max=exact_max, candidates=candidates, bf16=bf16)[2])
 
-    Matches min(n, m) pairs. Costs O(max(n, m)^3) time and an n × m matrix: meant for
-    dictionaries up to a few thousand latents (per member), not the whole ensemble.
+
+def stability_matched_from(matched: Tensor) -> float:
+    """Mean of the matched cosines [p] (PW-MCC)."""
+    if matched.numel() == 0:
+        raise ValueError("stability_matched needs at least one matched pair")
+    return float(matched.double().mean())
+
+
+def stability_shared(W1: Tensor, W2: Tensor, threshold: float = SHARED_COSINE, *, exact_max: int = HUNGARIAN_MAX_LATENTS,
+                     candidates: int = MATCHING_CANDIDATES, bf16: bool = False) -> float:
+    """Fraction of W1's latents [n, d] whose matched cosine (:func:`match_rows` with W2 [m, d]) is
+    ≥ ``threshold`` (Paulo & Belrose's shared latents); unmatched latents (n > m) are not shared."""
+    cos = match_rows(W1, W2, exact_max=exact_max, candidates=candidates, bf16=bf16)[2]
+    return stability_shared_from(cos, W1.shape[0], threshold)
+
+
+def stability_shared_from(matched: Tensor, n_latents: int, threshold: float = SHARED_COSINE) -> float:
+    """#{matched cosines [p] ≥ threshold} / n_latents."""
+    if n_latents < 1:
+        raise ValueError(f"n_latents must be positive, got {n_latents}")
+    return int((matched >= threshold).sum()) / n_latents
+
+
+def matched_stability(dictionaries: list[Tensor], threshold: float = SHARED_COSINE, *, exact_max: int = HUNGARIAN_MAX_LATENTS,
+                      candidates: int = MATCHING_CANDIDATES, bf16: bool = False) -> tuple[list[float], list[float]]:
+    """Per run s of S ≥ 2 dictionaries [m_s, d]: the mean over the other runs t of
+    stability_matched(s, t), and of stability_shared(s, t) (each pair matched once; exact_max,
+    candidates, bf16: as in :func:`match_rows`)."""
+    S = len(dictionaries)
+    if S < 2:
+        raise ValueError(f"matched stability needs at least 2 independent runs, got {S}")
+    matched: list[list[float]] = [[] for _ in range(S)]
+    shared: list[list[float]] = [[] for _ in range(S)]
+    for s in range(S):
+        for t in range(s + 1, S):
+            cos = match_rows(dictionaries[s], dictionaries[t], exact_max=exact_max, candidates=candidates, bf16=bf16)[2]
+            for run in (s, t):
+                matched[run].append(stability_matched_from(cos))
+                shared[run].append(stability_shared_from(cos, dictionaries[run].shape[0], threshold))
+    return [sum(v) / len(v) for v in matched], [sum(v) / len(v) for v in shared]
+
+
+# -------------------------------------------------------------------- matching
+# A one-to-one matching of the rows of two dictionaries that maximises the sum of cosines.
+# Hungarian (scipy's linear_sum_assignment) is exact but needs the dense n × m matrix and
+# O(m³) time; above ``exact_max`` latents the optimum is taken over a sparse candidate graph
+# instead: each row's ``candidates`` most similar columns and each column's most similar rows,
+# found in row blocks (memory ``chunk`` × m), solved by scipy's sparse LAPJV
+# (min_weight_full_bipartite_matching). A latent's optimal partner is almost always among its
+# few nearest ones, so this reaches Hungarian's value (tests/test_matching.py); greedy
+# matching on the same candidates falls short of it by a few percent on random dictionaries.
+
+
+def match_rows(W1: Tensor, W2: Tensor, *, exact_max: int = HUNGARIAN_MAX_LATENTS, candidates: int = MATCHING_CANDIDATES,
+               chunk: int = 512, bf16: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One-to-one matching of the rows of W1 [n, d] and W2 [m, d] maximising the summed cosine:
+    (rows [p], cols [p], cosines [p]), p = min(n, m), sorted by row.
+
+    Exact (Hungarian) when max(n, m) ≤ ``exact_max``; above, optimal over the sparse graph
+    :func:`candidate_edges` (each row's and each column's ``candidates`` best partners),
+    found in blocks of ``chunk`` rows. Unit rows are taken first; all-zero rows have
+    cosine 0 with everything. bf16: the candidates are found from bf16 cosines (as in
+    :func:`mutual_max_cosines`; the choice can differ only among near-ties); the cosines
+    returned are fp32 either way.
     """
-    from scipy.optimize import linear_sum_assignment
+    if W1.ndim != 2 or W2.ndim != 2 or W1.shape[1] != W2.shape[1]:
+        raise ValueError(f"match_rows needs two [m, d] dictionaries of the same d; got {tuple(W1.shape)} and {tuple(W2.shape)}")
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    if min(W1.shape[0], W2.shape[0]) == 0:
+        raise ValueError(f"match_rows needs at least one latent on each side; got {W1.shape[0]} and {W2.shape[0]}")
+    U, V = unit_rows(W1), unit_rows(W2)
+    rows, cols = _match_unit_rows(U, V, exact_max, candidates, chunk, bf16)
+    order = torch.argsort(rows)
+    rows, cols = rows[order], cols[order]
+    return rows, cols, _pair_cosines(U, V, rows, cols)
 
-    cos = (unit_rows(W1) @ unit_rows(W2).T).double().numpy()
-    rows, cols = linear_sum_assignment(cos, maximize=True)
-    return float(cos[rows, cols].mean())
+
+def _pair_cosines(U: Tensor, V: Tensor, rows: Tensor, cols: Tensor, chunk: int = 65_536) -> Tensor:
+    """cos(U[rows[e]], V[cols[e]]) for every pair e (unit rows; index tensors [E]) -> [E] on the
+    CPU, in chunks of pairs (memory chunk × d)."""
+    rows, cols = rows.to(U.device), cols.to(U.device)
+    return torch.cat([(U[rows[i : i + chunk]] * V[cols[i : i + chunk]]).sum(dim=1).cpu()
+                      for i in range(0, len(rows), chunk)]) if len(rows) else torch.zeros(0)
+
+
+def _match_unit_rows(U: Tensor, V: Tensor, exact_max: int, candidates: int, chunk: int, bf16: bool) -> tuple[Tensor, Tensor]:
+    """The matched (rows, cols) of unit-row dictionaries U [n, d] and V [m, d] (see :func:`match_rows`)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n, m = U.shape[0], V.shape[0]
+    if max(n, m) <= exact_max:
+        r, c = linear_sum_assignment((U @ V.T).double().cpu().numpy(), maximize=True)
+    else:
+        rows, cols, cos = candidate_edges(U, V, candidates, chunk, bf16)
+        # weights 2 − cos ≥ 1 (never an implicit zero): the size of a full matching is fixed, so
+        # its minimum weight is its maximum summed cosine
+        graph = csr_matrix((2.0 - cos.double().numpy(), (rows.numpy(), cols.numpy())), shape=(n, m))
+        r, c = min_weight_full_bipartite_matching(graph)
+    return torch.from_numpy(np.asarray(r)).long(), torch.from_numpy(np.asarray(c)).long()
+
+
+def best_partners(U: Tensor, V: Tensor, candidates: int, chunk: int = 512, bf16: bool = False) -> tuple[Tensor, Tensor]:
+    """For each row of U [n, d], the ``candidates`` rows of V [m, d] of highest cosine (U and
+    V unit rows): (cosines [n, c] float32, indices [n, c]), c = min(candidates, m), best first.
+    One pass over the n × m cosines in blocks of ``chunk`` rows (memory chunk × m); bf16: the
+    blocks in bf16 (values within bf16 rounding)."""
+    c = min(candidates, V.shape[0])
+    if bf16:
+        U, V = U.bfloat16(), V.bfloat16()
+    best = [(U[i : i + chunk] @ V.T).topk(c, dim=1) for i in range(0, U.shape[0], chunk)]
+    return torch.cat([b.values for b in best]).float(), torch.cat([b.indices for b in best])
+
+
+def candidate_edges(U: Tensor, V: Tensor, candidates: int, chunk: int = 512, bf16: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The sparse candidate graph of a matching of the unit rows of U [n, d] and V [m, d]:
+    every row of U to its ``candidates`` best rows of V and every row of V to its best rows
+    of U (:func:`best_partners`, both ways, so every latent of either side has partners),
+    plus the backbone i–i for i < min(n, m), which guarantees the graph a full matching
+    (many identical or zero rows could otherwise leave some rows only the same few
+    partners). Each pair once: (row index [E], column index [E], cosine [E]) on the CPU,
+    E ≤ candidates·(n + m) + min(n, m). bf16: as in :func:`best_partners`."""
+    import numpy as np
+
+    n, m = U.shape[0], V.shape[0]
+    p = min(n, m)
+    cos_uv, to_v = best_partners(U, V, candidates, chunk, bf16)
+    cos_vu, to_u = best_partners(V, U, candidates, chunk, bf16)
+    backbone = torch.arange(p)
+    rows = torch.cat([torch.arange(n).repeat_interleave(to_v.shape[1]), to_u.reshape(-1).cpu(), backbone])
+    cols = torch.cat([to_v.reshape(-1).cpu(), torch.arange(m).repeat_interleave(to_u.shape[1]), backbone])
+    cos = torch.cat([cos_uv.reshape(-1).cpu(), cos_vu.reshape(-1).cpu(), _pair_cosines(U, V, backbone, backbone)])
+    _, first = np.unique((rows * m + cols).numpy(), return_index=True)  # a pair found twice counts once
+    first = torch.from_numpy(first)
+    return rows[first], cols[first], cos[first]
 
 
 def random_dictionary_like(W: Tensor, seed: int) -> Tensor:

@@ -44,35 +44,41 @@ def _rows(method: str, J: int, run: int, values: dict[str, float]) -> list[dict]
     return [{"method": method, "n_members": J, "run": run, "metric": name, "value": float(v)} for name, v in values.items()]
 
 
-def _pairwise_matched(group: list[torch.Tensor]) -> list[float]:
-    """Per run: the mean of its Hungarian matched cosine to every other run."""
-    pair = {(a, b): metrics.stability_matched(group[a], group[b]) for a in range(len(group)) for b in range(a + 1, len(group))}
-    means = []
-    for a in range(len(group)):
-        mine = [v for (p, q), v in pair.items() if a in (p, q)]
-        means.append(sum(mine) / len(mine))
-    return means
+def _pairwise_matched(group: list[torch.Tensor], cfg: EvaluateConfig) -> dict[str, list[float]]:
+    """Per run: stability_matched and stability_shared, each the mean over the other runs of
+    its one-to-one matching with that run (Hungarian up to cfg.hungarian_max_latents)."""
+    matched, shared = metrics.matched_stability(group, cfg.shared_threshold, exact_max=cfg.hungarian_max_latents,
+                                                candidates=cfg.matching_candidates, bf16=cfg.bf16_cosines)
+    return {"stability_matched": matched, "stability_shared": shared}
 
 
 def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], cfg: EvaluateConfig) -> tuple[list[dict], list[str]]:
-    """stability, stability_random, stability_matched(_random) per (method, J, run)."""
-    rows, notes = [], []
+    """Per (method, J, run): the three stabilities (relaxed, matched, shared), each one's floor
+    on random dictionaries of the same shapes (``_random``) and the metric minus its floor,
+    run by run (``_corrected``; :data:`sae_core.metric_catalog.FLOORS`)."""
+    from sae_core.metric_catalog import FLOORS
+
+    rows, sparse = [], []
+    floors: dict[tuple, dict[str, list[float]]] = {}  # the floor depends only on the shapes and runs: computed once each
     for (method, J), by_run in sorted(dictionaries.items()):
         runs = sorted(by_run)
         if len(runs) < 2:
             continue
         dicts = [by_run[r] for r in runs]
-        randoms = [metrics.random_dictionary_like(W, seed=RANDOM_FLOOR_SEED_OFFSET + r) for W, r in zip(dicts, runs)]
-        values = {"stability": metrics.stability(dicts, bf16=cfg.bf16_cosines),
-                  "stability_random": metrics.stability(randoms, bf16=cfg.bf16_cosines)}
-        m = dicts[0].shape[0]
-        if m > cfg.matched_max_latents:
-            notes.append(f"stability_matched skipped for {method} J={J}: {m} latents > matched_max_latents={cfg.matched_max_latents}")
-        else:
-            values["stability_matched"] = _pairwise_matched(dicts)
-            values["stability_matched_random"] = _pairwise_matched(randoms)
+        values = {"stability": metrics.stability(dicts, bf16=cfg.bf16_cosines), **_pairwise_matched(dicts, cfg)}
+        key = tuple((r, *W.shape) for r, W in zip(runs, dicts))
+        if key not in floors:
+            randoms = [metrics.random_dictionary_like(W, seed=RANDOM_FLOOR_SEED_OFFSET + r) for W, r in zip(dicts, runs)]
+            floors[key] = {"stability": metrics.stability(randoms, bf16=cfg.bf16_cosines), **_pairwise_matched(randoms, cfg)}
+        values.update({FLOORS[name][0]: v for name, v in floors[key].items()})
+        for name, (floor, corrected) in FLOORS.items():
+            values[corrected] = [v - f for v, f in zip(values[name], values[floor])]
+        if max(W.shape[0] for W in dicts) > cfg.hungarian_max_latents:
+            sparse.append(f"{method} J={J}")
         for name, per_run in values.items():
             rows += [{"method": method, "n_members": J, "run": r, "metric": name, "value": v} for r, v in zip(runs, per_run)]
+    notes = [f"stability_matched/shared: sparse-candidate matching ({cfg.matching_candidates} candidates per latent) above "
+             f"hungarian_max_latents={cfg.hungarian_max_latents} for {', '.join(sparse)}; Hungarian for the rest"] if sparse else []
     return rows, notes
 
 

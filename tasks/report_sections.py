@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from data_contracts.activations import ActivationManifest
+from sae_core.methods import method
 from sae_core.metric_catalog import METRIC_NAMES, metric_spec
 from tasks.common import DOWNSTREAM_DIR, METRICS_DIR, MODELS_DIR
 from tasks.config import PipelineConfig, TrainStageConfig
@@ -50,7 +51,21 @@ def header(name: str, run_dir: Path, written_at: str, manifest: ActivationManife
         f"SAEs: {train.architecture}, d_sae={train.d_sae}" + (f", k={train.k}" if train.k else "") + f", J_max={train.n_members}, "
         f"S={train.n_runs} runs, {train.recipe.n_steps} steps of {train.recipe.batch_size} tokens{expanded}."
     ))
+    if train.trains_expanded:
+        blocks.append(Paragraph(compute_matching_text(train)))
     return blocks
+
+
+def compute_matching_text(train: TrainStageConfig) -> str:
+    """What each expanded SAE is matched to: one step of a J·d_sae-wide SAE costs what one step
+    of J members costs, so the plain one is FLOP-matched to bagging; the J×-steps one is not."""
+    text = (f"Compute: one step of an expanded SAE of width J·d_sae costs what one step of J members costs, so "
+            f"the {method('expanded').label}, trained for the same {train.recipe.n_steps} steps, is **FLOP-matched** to "
+            "bagging at that J.")
+    if "expanded_compute_matched" in train.methods and train.compute_matched_expanded:
+        text += (f" \"{method('expanded_compute_matched').label}\" is trained for J× the steps: **step-matched** (as many "
+                 "optimiser steps as the J members take together), so it gets J× bagging's FLOPs.")
+    return text
 
 
 def operating_point_section(summary: pd.DataFrame | None) -> list[Block]:
@@ -64,17 +79,30 @@ def operating_point_section(summary: pd.DataFrame | None) -> list[Block]:
     return blocks
 
 
-def claims_section(summary: pd.DataFrame | None, confidence: float) -> list[Block]:
-    from tasks.claims import check_claims
+def claims_section(summary: pd.DataFrame | None, confidence: float, d: int | None = None) -> list[Block]:
+    """The claims with their raw and floor-corrected verdicts, then every (method, J) where a
+    comparison is not testable. ``d``: the activations' width (None: L0 is not checked against it)."""
+    from tasks.claims import SATURATED_CONNECTIVITY, check_claims, untestable_points
 
     blocks: list[Block] = [Heading(2, "The paper's claims on this run")]
     if summary is None:
         return blocks + [Missing(needs(SUMMARY_FILE, "evaluate"))]
-    return blocks + [
-        Paragraph(f"Each claim compares two (method, J) points: **supported** when the ordering holds and the "
-                  f"{confidence:.0%} CIs do not overlap; L0 beside each point."),
-        Table(check_claims(summary), name="claims"),
-    ]
+    text = (f"Each claim compares two (method, J) points: **supported** when the ordering holds and the {confidence:.0%} "
+            "CIs do not overlap; L0 beside each point. Two verdicts per claim: on the raw metric, and on the metric minus "
+            "its random floor (the same stability of untrained dictionaries of the same shapes, subtracted run by run; "
+            "the floor itself rises with the width of the dictionaries compared, so raw stabilities across J or widths are "
+            "not comparable). A metric without a floor gets the same verdict twice. **not testable**: a point's L0 "
+            f"reaches d{f' = {d}' if d is not None else ''}, the activation width, where any dictionary reconstructs almost "
+            f"anything, or, for connectivity, a point's connectivity is saturated (below {SATURATED_CONNECTIVITY:g}, or "
+            "a CI reaching 0).")
+    if d is None:
+        text += " The activations' width is unknown (no manifest), so L0 is not checked against it."
+    blocks += [Paragraph(text), Table(check_claims(summary, d=d), name="claims"),
+               Heading(3, "Points where comparisons are not testable")]
+    flagged = untestable_points(summary, d)
+    if flagged.empty:
+        return blocks + [Paragraph("None: every (method, J) has L0 below d and an unsaturated connectivity.")]
+    return blocks + [Table(flagged, name="not_testable")]
 
 
 def _metric_heading(metric: str) -> str:
@@ -93,6 +121,8 @@ def intrinsic_section(summary: pd.DataFrame | None, figures: list[Path], confide
             "every metric, so no method wins by being less sparse")
     if tokens_evaluated is not None:
         text += f"; T: the {tokens_evaluated:,} tokens evaluated, beside the metrics that depend on how many there are"
+    text += (". Each stability has a floor, `_random`: the same quantity for untrained (Gaussian) dictionaries of the same "
+             "shapes, and `_corrected`: the stability minus that floor, run by run (its CI is over the runs' differences)")
     blocks.append(Paragraph(text + "."))
     if INTRINSIC_GRID_NAME in by_name:
         blocks.append(Image(by_name[INTRINSIC_GRID_NAME], "every intrinsic metric vs J (the paper's Figure 2)"))

@@ -1,6 +1,6 @@
 """The report's tables, computed from the stages' tables (pure pandas, nothing read or written).
 
-Methods are listed in :mod:`sae_core.methods`' order and metrics in
+Methods are listed in :mod:`sae_core.methods`' order, by their labels there, and metrics in
 :mod:`sae_core.metric_catalog`'s; every "mean [CI]" comes from
 :func:`tasks.summaries.summarise_over_runs` and is written by :func:`tasks.summaries.format_ci`.
 """
@@ -11,6 +11,7 @@ import pandas as pd
 
 from sae_core.methods import method_rank, ordered_methods
 from sae_core.metric_catalog import METRIC_NAMES, metric_spec, ordered_metrics
+from tasks.claims import method_label
 from tasks.report_doc import NO_VALUE
 from tasks.summaries import format_ci, format_row_ci, summarise_over_runs
 
@@ -36,7 +37,7 @@ def metric_tables(summary: pd.DataFrame, tokens_evaluated: int | None = None) ->
         rows = []
         for method in ordered_methods(part["method"]):
             for r in part[part["method"] == method].sort_values("n_members").itertuples(index=False):
-                row = {"method": method, "J": int(r.n_members), metric: format_ci(r.mean, r.ci_low, r.ci_high)}
+                row = {"method": method_label(method), "J": int(r.n_members), metric: format_ci(r.mean, r.ci_low, r.ci_high)}
                 if metric != "l0":
                     key = (method, r.n_members)
                     row["L0"] = format_row_ci(l0.loc[key]) if key in l0.index else NO_VALUE
@@ -56,6 +57,7 @@ def operating_point(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     wide = wide.sort_values("method", key=_method_order).reset_index(drop=True)
     wide.columns.name = None
     single = wide[wide["method"] == "single"]
+    wide["method"] = wide["method"].map(method_label)
     if single.empty or not set(OPERATING_METRICS) <= set(wide.columns):
         return wide, "The single SAE's explained variance and L0 are not in the summary; the operating point cannot be stated."
     ev, l0 = float(single["explained_variance"].iloc[0]), float(single["l0"].iloc[0])
@@ -76,7 +78,8 @@ def _over_runs_wide(frame: pd.DataFrame, rows: list[str], column: str, value: st
     wide = summary.pivot(index=rows, columns=column, values="cell")
     wide.columns = [f"{prefix}={int(c)}" for c in wide.columns]
     wide = wide.reset_index().rename(columns={"n_members": "J"}).astype({"J": int})
-    return wide.sort_values([r if r != "n_members" else "J" for r in rows], key=_method_order).reset_index(drop=True)
+    wide = wide.sort_values([r if r != "n_members" else "J" for r in rows], key=_method_order).reset_index(drop=True)
+    return wide.assign(method=wide["method"].map(method_label))
 
 
 def probing_table(probing: pd.DataFrame, confidence: float) -> pd.DataFrame:

@@ -137,6 +137,28 @@ def test_stability_matched_by_hand_and_on_a_permutation():
     assert metrics.stability_matched(R, 3.0 * R[perm]) == pytest.approx(1.0)
 
 
+def test_matched_and_shared_stability_by_hand():
+    e = torch.eye(3)
+    W1 = e.clone()
+    W2 = torch.stack([e[0], 0.6 * e[1] + 0.8 * e[2], 0.8 * e[1] - 0.6 * e[2]])
+    # cosines: e1·[1, 0, 0], e2·[0, 0.6, 0.8], e3·[0, 0.8, -0.6]; best one-to-one: e1-0 (1), e2-2 (0.8),
+    # e3-1 (0.8): total 2.6 (the other choice, e2-1 and e3-2, totals 1 + 0.6 - 0.6 = 1)
+    assert metrics.stability_matched(W1, W2) == pytest.approx(2.6 / 3)
+    assert metrics.stability_shared(W1, W2) == pytest.approx(1.0)  # 1, 0.8, 0.8 all ≥ 0.7
+    assert metrics.stability_shared(W1, W2, threshold=0.9) == pytest.approx(1 / 3)  # only the 1.0
+    # a fourth latent in W1, at cosine ≤ 0 with all of W2, is left unmatched: 3 of its 4 latents are shared
+    W1_plus = torch.cat([W1, torch.tensor([[-1.0, -1.0, -1.0]])])
+    assert metrics.stability_shared(W1_plus, W2) == pytest.approx(3 / 4)
+    assert metrics.stability_matched(W1_plus, W2) == pytest.approx(2.6 / 3)  # min(n, m) = 3 pairs
+    # per run over three runs: run 0 is matched with runs 1 and 2, and so on
+    runs = [W1, W2, W1.clone()]
+    matched, shared = metrics.matched_stability(runs, threshold=0.9)
+    assert matched == pytest.approx([(2.6 / 3 + 1.0) / 2, 2.6 / 3, (1.0 + 2.6 / 3) / 2])
+    assert shared == pytest.approx([(1 / 3 + 1) / 2, 1 / 3, (1 + 1 / 3) / 2])
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.matched_stability([W1])
+
+
 # -------------------------------------------------------------------- connectivity
 def test_connectivity_by_hand_with_a_dead_latent():
     codes = torch.tensor([[0.5, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])

@@ -53,7 +53,7 @@ def test_metric_tables_put_l0_beside_every_metric_with_its_interval():
     tables = metric_tables(_summary())
     ev = tables["explained_variance"]
     assert list(ev.columns) == ["method", "J", "explained_variance", "L0", "runs"]
-    assert ev["method"].tolist() == ["single", "bagging", "boosting"]  # the report's method order
+    assert ev["method"].tolist() == ["single SAE", "bagging", "boosting"]  # the report's method order, by label
     assert ev.iloc[1].tolist() == ["bagging", 2, "0.9 [0.89, 0.91]", "32 [31, 33]", 3]
     assert "L0" not in tables["l0"].columns
 
@@ -66,7 +66,7 @@ def test_metric_tables_follow_the_catalog_order_and_show_t_beside_token_dependen
     # catalog order: mse, explained_variance, l0, dead_fraction, ..., kl_divergence (last, not sorted away as "kl")
     assert list(tables) == ["mse", "explained_variance", "l0", "dead_fraction", "kl_divergence"]
     assert list(tables["dead_fraction"].columns) == ["method", "J", "dead_fraction", "L0", "T", "runs"]
-    assert tables["dead_fraction"].iloc[0].tolist() == ["single", 1, "0.1", "16 [15, 17]", 3648, 3]
+    assert tables["dead_fraction"].iloc[0].tolist() == ["single SAE", 1, "0.1", "16 [15, 17]", 3648, 3]
     assert "T" not in tables["mse"].columns  # MSE does not depend on how many tokens were scored
     assert "T" not in metric_tables(s)["dead_fraction"].columns  # T unknown: no column
 
@@ -77,7 +77,7 @@ def test_operating_point_is_judged_against_the_spec_band():
     s = _summary()
     first_members = s[s["method"] != "single"].assign(n_members=1)
     table, _ = operating_point(pd.concat([first_members, s[s["method"] == "single"]], ignore_index=True))
-    assert table["method"].tolist() == ["single", "bagging", "boosting"]  # table order, not alphabetical
+    assert table["method"].tolist() == ["single SAE", "bagging", "boosting"]  # table order, not alphabetical
     assert table.columns.tolist() == ["method", "explained_variance", "l0"]
     s = _summary()
     s.loc[(s["method"] == "single") & (s["metric"] == "l0"), "mean"] = 200.0
@@ -98,8 +98,39 @@ def test_probing_and_scr_tables_average_classes_then_runs():
 def test_probing_rows_follow_the_method_order_with_raw_first():
     rows = [(m, j, 0, "bbc", "a", 1, 0.5) for m, j in [("boosting", 2), ("bagging", 2), ("raw", 0), ("single", 1)]]
     p = probing_table(pd.DataFrame(rows, columns=_probing().columns), 0.95)
-    assert p["method"].tolist() == ["raw", "single", "bagging", "boosting"]
-    assert p.iloc[0].tolist() == ["bbc", "raw", 0, "0.5"]  # one run: the mean without an interval
+    assert p["method"].tolist() == ["raw activations", "single SAE", "bagging", "boosting"]
+    assert p.iloc[0].tolist() == ["bbc", "raw activations", 0, "0.5"]  # one run: the mean without an interval
+
+
+def test_claims_section_shows_both_verdicts_and_flags_points_whose_l0_reaches_d(tmp_path):
+    from tasks.report_sections import claims_section
+
+    s = _summary()  # boosting J=2 at L0 32
+    s = pd.concat([s, pd.DataFrame([("boosting", 2, "connectivity", 1e-7, 0.0, 2e-7, 3)], columns=s.columns)], ignore_index=True)
+    md = Document("t", claims_section(s, 0.95, d=32)).to_markdown(tmp_path)
+    assert "| claim | claimed better | claimed worse | verdict (raw) | verdict (floor-corrected) | note |" in md
+    assert "reaches d = 32, the activation width" in md
+    flagged = md.split("### Points where comparisons are not testable")[1]
+    # bagging J=2 (L0 32) and boosting J=2 (L0 32, connectivity 1e-7) are flagged; single SAE J=1 (L0 16) is not
+    assert "| bagging | 2 | 32 [31, 33] | – | L0 32 ≥ d = 32 |" in flagged
+    assert "| boosting | 2 | 32 [31, 33] | 1e-07 [0, 2e-07] | L0 32 ≥ d = 32; connectivity 1e-07 saturated |" in flagged
+    assert "single SAE" not in flagged
+    unknown = Document("t", claims_section(_summary(), 0.95)).to_markdown(tmp_path)
+    assert "width is unknown (no manifest)" in unknown and "None: every (method, J) has L0 below d" in unknown
+
+
+def test_the_header_says_what_each_expanded_sae_is_matched_to(tmp_path):
+    from tasks.config import TrainStageConfig
+    from tasks.report_sections import header
+
+    md = Document("t", header("run", tmp_path, "now", None, TrainStageConfig())).to_markdown(tmp_path)
+    assert "the expanded SAE, trained for the same 200 steps, is **FLOP-matched** to bagging" in md
+    assert '"expanded SAE, J× steps" is trained for J× the steps: **step-matched**' in md
+    plain = TrainStageConfig(methods=["bagging", "expanded"])
+    md = Document("t", header("run", tmp_path, "now", None, plain)).to_markdown(tmp_path)
+    assert "FLOP-matched" in md and "step-matched" not in md
+    bagging_only = TrainStageConfig(methods=["bagging"])
+    assert "FLOP-matched" not in Document("t", header("run", tmp_path, "now", None, bagging_only)).to_markdown(tmp_path)
 
 
 def test_report_on_an_empty_run_names_each_missing_artifact_and_its_stage(tmp_path):
