@@ -25,6 +25,7 @@ from sae_core.training.trainer import build_sae
 
 if TYPE_CHECKING:
     from sae_core.ensemble import Ensemble
+    from sae_core.training.records import TrainingRecord
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -132,15 +133,22 @@ def load_sae(directory: str | Path) -> SAE:
 
 
 ENSEMBLE_FILE = "ensemble.json"
+HISTORY_FILE = "training_history.json"
 
 
 def member_dirname(j: int) -> str:
     return f"member_{j:02d}"
 
 
-def save_ensemble(ensemble: "Ensemble", directory: str | Path) -> Path:
-    """Members as SPEC §5 directories plus ``ensemble.json`` (method, α, member order), atomically."""
+def save_ensemble(ensemble: "Ensemble", directory: str | Path, histories: "list[list[TrainingRecord]] | None" = None) -> Path:
+    """Members as SPEC §5 directories plus ``ensemble.json`` (method, α, member order), atomically.
+
+    histories: each member's (or boosting stage's) training records, written beside the
+    members as ``training_history.json`` (read back with :func:`load_training_history`).
+    """
     directory = Path(directory)
+    if histories is not None and len(histories) != ensemble.n_members:
+        raise ValueError(f"{len(histories)} training histories for an ensemble of {ensemble.n_members} members")
     names = [member_dirname(j) for j in range(ensemble.n_members)]
     meta = {
         "method": ensemble.method,
@@ -158,7 +166,23 @@ def save_ensemble(ensemble: "Ensemble", directory: str | Path) -> Path:
             save_file(ensemble.members.member_state(j), str(tmp / name / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / name / CONFIG_FILE).write_text(json.dumps(sae_config_dict(ensemble.member_cfg), indent=2) + "\n")
         (tmp / ENSEMBLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if histories is not None:
+            records = [[r.to_json() for r in member] for member in histories]
+            (tmp / HISTORY_FILE).write_text(json.dumps({"members": records}) + "\n")
     return directory
+
+
+def load_training_history(directory: str | Path) -> "list[list[TrainingRecord]] | None":
+    """Each member's training records saved with the ensemble at ``directory``; None if none were saved."""
+    from sae_core.training.records import TrainingRecord
+
+    path = Path(directory) / HISTORY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return [[TrainingRecord.from_json(r) for r in member] for member in json.loads(path.read_text())["members"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid training history ({err!r}); retrain the model") from err
 
 
 def load_ensemble(directory: str | Path) -> "Ensemble":

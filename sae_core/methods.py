@@ -51,12 +51,18 @@ METHODS: tuple[Method, ...] = (
     ),
     Method("bagging", "bagging", "mean", prefixes=True, matched_width=False, label="bagging", color="tab:blue"),
     Method("boosting", "boosting", "one", prefixes=True, matched_width=False, label="boosting", color="tab:orange"),
+    # the sanity check of the 2026 SAE literature: a frozen random unit-norm decoder with a
+    # trained encoder, at the width (and sparsity) of a member (J = 1) or of J members
+    Method(
+        "random_decoder", "expanded", "one", prefixes=False, matched_width=True,
+        label="random decoder (frozen)", color="tab:purple", linestyle="-.",
+    ),
 )
 
 #: the raw-activation baseline of the downstream tables (not a trained model)
 RAW = Method("raw", "single", "one", prefixes=False, matched_width=False, label="raw activations", color="gray", linestyle="--")
 
-MethodName = Literal["single", "expanded", "expanded_compute_matched", "bagging", "boosting"]
+MethodName = Literal["single", "expanded", "expanded_compute_matched", "bagging", "boosting", "random_decoder"]
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
 ENSEMBLE_KINDS: tuple[str, ...] = ("single", "expanded", "bagging", "boosting")
 #: the raw baseline first (downstream tables), then the trained methods

@@ -27,9 +27,20 @@ import pandas as pd
 from data_contracts import UnknownArtifact, validate
 from data_contracts.activations import ActivationManifest, read_manifest
 from tasks import report_sections as sections
-from tasks.common import ACTIVATIONS_DIR, DOWNSTREAM_DIR, FIGURES_DIR, MANIFEST_FILE, REPORT_DIR, NoTrainedModels, StageResult, discover_models
+from tasks.common import (
+    ACTIVATIONS_DIR,
+    DOWNSTREAM_DIR,
+    FIGURES_DIR,
+    MANIFEST_FILE,
+    REPORT_DIR,
+    ModelDir,
+    NoTrainedModels,
+    StageResult,
+    discover_models,
+)
 from tasks.config import PipelineConfig
 from tasks.report_doc import Document
+from tasks.report_training import training_frame, training_section
 
 VERSION_PACKAGES = ["torch", "transformers", "prefect", "polars", "pandas", "numpy", "scikit-learn", "great-expectations",
                     "pyarrow", "safetensors", "sae-ensembles"]
@@ -92,11 +103,19 @@ class RunReader:
         paths = sorted(p.relative_to(self.run_dir).as_posix() for p in (self.run_dir / DOWNSTREAM_DIR).glob("*.parquet"))
         return {rel: self.table(rel) for rel in paths if rel not in PRODUCER}
 
-    def models(self) -> list[str]:
+    def models(self) -> list[ModelDir]:
         try:
-            return [m.relative for m in discover_models(self.run_dir)]
+            return discover_models(self.run_dir)
         except NoTrainedModels:
             return []
+
+    def training(self, models: list[ModelDir]) -> pd.DataFrame | None:
+        """The members' training records of every model that saved them (None when none did)."""
+        frame = training_frame(self.run_dir, models)
+        if frame.empty:
+            return None
+        self.result.read += [m.relative for m in models]
+        return frame
 
 
 def tokens_evaluated(cfg: PipelineConfig, manifest: ActivationManifest | None) -> int | None:
@@ -105,6 +124,11 @@ def tokens_evaluated(cfg: PipelineConfig, manifest: ActivationManifest | None) -
         return None
     tokens = manifest.tokens_per_split[cfg.evaluate.split]
     return tokens if cfg.evaluate.max_tokens is None else min(tokens, cfg.evaluate.max_tokens)
+
+
+def dead_window_text(cfg: PipelineConfig) -> str:
+    """How the training recipe defines a dead latent, for the training section."""
+    return cfg.train.recipe.dead_window_description()
 
 
 def package_versions() -> dict[str, str]:
@@ -137,14 +161,16 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> Doc
     doc = Document(f"SAE ensembles: {cfg.name}")
     doc.blocks += sections.header(cfg.name, run_dir, time.strftime("%Y-%m-%d %H:%M:%S"), manifest, cfg.train)
     doc.blocks += sections.operating_point_section(summary)
-    doc.blocks += sections.claims_section(summary, confidence)
+    doc.blocks += sections.claims_section(summary, confidence, d=manifest.d if manifest is not None else None)
     doc.blocks += sections.intrinsic_section(summary, figures, confidence, tokens_evaluated(cfg, manifest))
     doc.blocks += sections.probing_section(read.table(sections.PROBING_FILE), confidence)
     doc.blocks += sections.scr_section(read.table(sections.SCR_FILE), confidence)
     doc.blocks += sections.extra_downstream_tables(read.extra_downstream_tables())
     doc.blocks += sections.downstream_figures_section(figures)
     doc.blocks += sections.top_contexts_section(read.table(sections.TOP_CONTEXTS_FILE))
-    doc.blocks += sections.models_section(read.models())
+    models = read.models()
+    doc.blocks += training_section(read.training(models), dead_window_text(cfg))
+    doc.blocks += sections.models_section([m.relative for m in models])
     doc.blocks += sections.missing_section(read.missing)
     doc.blocks += sections.configuration_section(cfg)
     doc.blocks += sections.versions_section(package_versions())

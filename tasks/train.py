@@ -7,6 +7,7 @@ Reads ``activations/`` (validated), writes one ensemble directory per (method, r
     models/single/run=<r>/                       bagging's member 0 (seed bJ): the J = 1 point
     models/expanded_J<J>/run=<r>/                one SAE of width J·d_sae, TopK k·J
     models/expanded_compute_matched_J<J>/run=<r>/   the same trained for J× the steps
+    models/random_decoder_J<J>/run=<r>/          width J·d_sae, frozen random unit-norm decoder, trained encoder
 
 Every model directory records in ``ensemble.json`` the fingerprint of what it was trained
 from (config, seeds, data); a rerun reuses a model whose fingerprint matches and retrains
@@ -29,7 +30,7 @@ import torch
 from data_contracts.activations import validate_activations
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.ensemble import Ensemble, EnsembleInfo
-from sae_core.io import ENSEMBLE_FILE, load_ensemble, save_ensemble
+from sae_core.io import ENSEMBLE_FILE, load_ensemble, load_training_history, save_ensemble
 from sae_core.methods import method
 from sae_core.registry import uses_k
 from sae_core.training.ensembles import (
@@ -124,6 +125,9 @@ def plan_jobs(cfg: TrainStageConfig) -> list[TrainingJob]:
                 jobs.append(TrainingJob("expanded", r, size, seeds[:1], size))
             if "expanded_compute_matched" in cfg.methods and cfg.compute_matched_expanded:
                 jobs.append(TrainingJob("expanded_compute_matched", r, size, seeds[:1], size * size))
+        if "random_decoder" in cfg.methods:
+            # seeded like the single SAE: at J = 1 its decoder is member 0's untrained one
+            jobs += [TrainingJob("random_decoder", r, size, seeds[:1], size) for size in cfg.random_decoder_widths]
     return jobs
 
 
@@ -140,47 +144,57 @@ class _JobContext:
     recipe: TrainConfig  # the run's recipe (its seed is the run's seed block)
     checkpoint: Path
     callback: Callable[[int, object, TrainingRecord | None], None]
-    trained_bagging: dict[int, Ensemble]
+    trained_bagging: dict[int, EnsembleTrainResult]  # run -> bagging, for the single SAE (its member 0)
 
 
 def _alone(recipe: TrainConfig, seed: int) -> TrainConfig:
     return TrainConfig(**{**recipe.model_dump(), "seed": seed})
 
 
-def _train_bagging(job: TrainingJob, c: _JobContext) -> Ensemble:
-    ens = train_bagging(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback).ensemble
-    c.trained_bagging[job.run] = ens
-    return ens
+def _train_bagging(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
+    trained = train_bagging(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback)
+    c.trained_bagging[job.run] = trained
+    return trained
 
 
-def _train_single(job: TrainingJob, c: _JobContext) -> Ensemble:
+def _train_single(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
     if job.run in c.trained_bagging:
-        ens, source = Ensemble(c.trained_bagging[job.run].member(0), "single"), SINGLE_FROM_BAGGING
+        bagging = c.trained_bagging[job.run]
+        histories = bagging.histories[:1] if bagging.histories else []
+        trained, source = EnsembleTrainResult(Ensemble(bagging.ensemble.member(0), "single"), histories), SINGLE_FROM_BAGGING
     else:
-        trained: EnsembleTrainResult = train_single(c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), checkpoint_dir=c.checkpoint, callback=c.callback)
-        ens, source = trained.ensemble, SINGLE_ALONE
-    ens.info = EnsembleInfo(seeds=job.seeds, source=source)
-    return ens
+        trained = train_single(c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), checkpoint_dir=c.checkpoint, callback=c.callback)
+        source = SINGLE_ALONE
+    trained.ensemble.info = EnsembleInfo(seeds=job.seeds, source=source)
+    return trained
 
 
-def _train_boosting(job: TrainingJob, c: _JobContext) -> Ensemble:
-    return train_boosting(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback).ensemble
+def _train_boosting(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
+    return train_boosting(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback)
 
 
-def _train_expanded(job: TrainingJob, c: _JobContext) -> Ensemble:
+def _train_expanded(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
     return train_expanded(
         c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), job.n_members,
         compute_matched=job.method == "expanded_compute_matched", checkpoint_dir=c.checkpoint, callback=c.callback,
-    ).ensemble
+    )
+
+
+def _train_random_decoder(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
+    """One SAE of width J·d_sae (sparsity of J members) whose seeded random unit-norm decoder
+    stays frozen while the encoder trains."""
+    recipe = TrainConfig(**{**c.recipe.model_dump(), "seed": job.seeds[0], "freeze_decoder": True})
+    return train_expanded(c.sae_cfg, c.acts, recipe, job.n_members, checkpoint_dir=c.checkpoint, callback=c.callback)
 
 
 #: how each method is trained
-TRAINERS: dict[str, Callable[[TrainingJob, _JobContext], Ensemble]] = {
+TRAINERS: dict[str, Callable[[TrainingJob, _JobContext], EnsembleTrainResult]] = {
     "bagging": _train_bagging,
     "single": _train_single,
     "boosting": _train_boosting,
     "expanded": _train_expanded,
     "expanded_compute_matched": _train_expanded,
+    "random_decoder": _train_random_decoder,
 }
 
 
@@ -231,7 +245,7 @@ def run_training(
     bar = _Progress(sum(job.cost * steps for job in jobs), progress, on_progress)
     result = StageResult(stage="train", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
     result.notes.append(f"read the train split: {acts.shape[0]} tokens, d={manifest.d}")
-    trained_bagging: dict[int, Ensemble] = {}
+    trained_bagging: dict[int, EnsembleTrainResult] = {}
 
     for job in jobs:
         directory = job_directory(run_dir, job)
@@ -240,7 +254,7 @@ def run_training(
         existing = _existing(directory, fingerprint)
         if existing is not None:
             if job.method == "bagging":
-                trained_bagging[job.run] = existing
+                trained_bagging[job.run] = EnsembleTrainResult(existing, load_training_history(directory) or [])
             bar.advance(job.cost * steps)
             result.notes.append(f"{name}: up to date, reused")
             bar.report(f"{name}: reused")
@@ -259,9 +273,10 @@ def run_training(
             run_dir / CHECKPOINTS_DIR / directory.parent.name / directory.name, step_callback, trained_bagging,
         )
         bar.report(f"{name}: training")
-        ens = TRAINERS[job.method](job, context)
+        trained = TRAINERS[job.method](job, context)
+        ens = trained.ensemble
         ens.info = ens.info.updated(fingerprint=fingerprint, run=job.run, method=job.method, train_tokens=int(acts.shape[0]))
-        save_ensemble(ens, directory)
+        save_ensemble(ens, directory, histories=trained.histories or None)
         shutil.rmtree(context.checkpoint, ignore_errors=True)
         result.written.append(job.model.relative)
         bar.report(f"{name}: saved")

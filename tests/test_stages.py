@@ -12,6 +12,7 @@ from data_contracts import ContractViolation, validate
 from data_contracts.activations import load_split
 from data_contracts.metrics import read_intrinsic, write_intrinsic
 from sae_core import load_ensemble, metrics
+from sae_core.io import load_training_history
 from sae_core.config import TrainConfig
 from tasks.config import CorpusSource, EvaluateConfig, ExtractConfig, TrainStageConfig
 from tasks.evaluate import run_evaluation
@@ -48,7 +49,8 @@ def trained(run_dir):
 def test_training_writes_every_method_and_run_and_reports_progress(trained, run_dir):
     result, fractions = trained
     expected = {f"models/{m}/run={r}" for m in ("bagging", "boosting", "single", "expanded_J2", "expanded_J3",
-                                                "expanded_compute_matched_J2", "expanded_compute_matched_J3") for r in (0, 1)}
+                                                "expanded_compute_matched_J2", "expanded_compute_matched_J3",
+                                                "random_decoder_J1", "random_decoder_J2", "random_decoder_J3") for r in (0, 1)}
     assert set(result.written) == expected
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     bag, single = load_ensemble(run_dir / "models/bagging/run=1"), load_ensemble(run_dir / "models/single/run=1")
@@ -58,6 +60,16 @@ def test_training_writes_every_method_and_run_and_reports_progress(trained, run_
     assert wide.d_sae == 3 * 48 and wide.member_cfg.k == 3 * 4
     assert wide.info.expanded.n_steps == 12
     assert load_ensemble(run_dir / "models/expanded_compute_matched_J3/run=0").info.expanded.n_steps == 36
+    # the random-decoder baseline: width J·d_sae and sparsity of J members; its decoder stayed at a
+    # seeded random unit-norm init (seeded like the single SAE, which trained its own decoder away)
+    rand = load_ensemble(run_dir / "models/random_decoder_J3/run=1")
+    assert rand.d_sae == 3 * 48 and rand.member_cfg.k == 3 * 4 and rand.info.seeds is None and rand.info.method == "random_decoder"
+    assert torch.allclose(rand.W_dec.norm(dim=1), torch.ones(3 * 48), atol=1e-5)
+    assert not torch.equal(load_ensemble(run_dir / "models/random_decoder_J1/run=1").W_dec, single.W_dec)
+    # every model keeps its members' training records; single's are bagging member 0's
+    bag_history, single_history = load_training_history(run_dir / "models/bagging/run=1"), load_training_history(run_dir / "models/single/run=1")
+    assert len(bag_history) == 3 and single_history == bag_history[:1] and bag_history[0][-1].step == 12
+    assert len(load_training_history(run_dir / "models/boosting/run=0")) == 3
 
 
 def test_training_rerun_reuses_models_and_retrains_only_what_is_missing(trained, run_dir):
