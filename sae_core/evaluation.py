@@ -41,9 +41,6 @@ class PrefixMetrics:
         return asdict(self)
 
 
-RECONSTRUCTION_METRICS: tuple[str, ...] = tuple(PrefixMetrics.__dataclass_fields__)
-
-
 @torch.no_grad()
 def prefix_reconstruction_metrics(
     ensemble: Ensemble,

@@ -71,10 +71,9 @@ FLOORS: dict[str, tuple[str, str]] = {
     "stability_shared": ("stability_shared_random", "stability_shared_corrected"),
 }
 _CATALOG = Catalog(METRICS, "metric")
-#: metric_spec(name) -> MetricSpec (a KeyError lists the known ones); metric_rank(name) ->
-#: its position in tables (unknown names last); ordered_metrics(names) -> table order
+#: metric_spec(name) -> MetricSpec (a KeyError lists the known ones); ordered_metrics(names)
+#: -> the names in table order (unknown names last)
 metric_spec = _CATALOG.__getitem__
-metric_rank = _CATALOG.rank
 ordered_metrics = _CATALOG.ordered
 
 

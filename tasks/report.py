@@ -126,11 +126,6 @@ def tokens_evaluated(cfg: PipelineConfig, manifest: ActivationManifest | None) -
     return tokens if cfg.evaluate.max_tokens is None else min(tokens, cfg.evaluate.max_tokens)
 
 
-def dead_window_text(cfg: PipelineConfig) -> str:
-    """How the training recipe defines a dead latent, for the training section."""
-    return cfg.train.recipe.dead_window_description()
-
-
 def package_versions() -> dict[str, str]:
     """Python, each of VERSION_PACKAGES and the git commit of this checkout."""
     versions = {"python": platform.python_version()}
@@ -169,7 +164,7 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> Doc
     doc.blocks += sections.downstream_figures_section(figures)
     doc.blocks += sections.top_contexts_section(read.table(sections.TOP_CONTEXTS_FILE))
     models = read.models()
-    doc.blocks += training_section(read.training(models), dead_window_text(cfg))
+    doc.blocks += training_section(read.training(models), cfg.train.recipe.dead_window_description())
     doc.blocks += sections.models_section([m.relative for m in models])
     doc.blocks += sections.missing_section(read.missing)
     doc.blocks += sections.configuration_section(cfg)

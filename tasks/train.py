@@ -131,10 +131,6 @@ def plan_jobs(cfg: TrainStageConfig) -> list[TrainingJob]:
     return jobs
 
 
-def job_directory(run_dir: Path, job: TrainingJob) -> Path:
-    return job.model.path(run_dir)
-
-
 @dataclass
 class _JobContext:
     """What a method's trainer needs besides the job: data, configs, callbacks, earlier results."""
@@ -248,7 +244,7 @@ def run_training(
     trained_bagging: dict[int, EnsembleTrainResult] = {}
 
     for job in jobs:
-        directory = job_directory(run_dir, job)
+        directory = job.model.path(run_dir)
         name = f"{directory.parent.name}/{directory.name}"
         fingerprint = job.fingerprint(sae_cfg, recipe_dump, data_fp)
         existing = _existing(directory, fingerprint)
