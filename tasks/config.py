@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from sae_core.config import ArchitectureName, TrainConfig
+from sae_core.devices import DEVICE_SETTINGS, check_device_setting
 from sae_core.methods import METHOD_NAMES, MethodName
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: where a stage runs its tensors (sae_core.devices): auto = the first CUDA device if any, else the CPU
+DeviceSetting = Annotated[str, AfterValidator(check_device_setting)]
+
+
+def _device_field(what: str):
+    return Field(default="auto", description=f"Device of {what} ({DEVICE_SETTINGS}); auto: CUDA when torch sees it, else the CPU.")
 
 
 class CorpusSource(_Strict):
@@ -56,6 +65,7 @@ class ExtractConfig(_Strict):
     include_special_tokens: bool = Field(default=False, description="Keep CLS/SEP/BOS/PAD positions.")
     documents_per_shard: int = Field(default=256, gt=0, description="Documents per Parquet shard.")
     max_norm: float = Field(default=1e4, gt=0, description="Contract: a token's activation norm must stay below.")
+    device: DeviceSetting = _device_field("the language model's forward passes")
 
     @model_validator(mode="after")
     def _check_splits(self) -> "ExtractConfig":
@@ -105,6 +115,19 @@ class TrainStageConfig(_Strict):
         description=f"Methods to train ({', '.join(METHOD_NAMES)}).",
     )
     max_train_tokens: int | None = Field(default=None, gt=0, description="Use at most this many train tokens.")
+    device: DeviceSetting = _device_field("training")
+    activations: Literal["auto", "memory", "stream"] = Field(
+        default="auto",
+        description="How the trainer reads the train split: memory (the whole split in RAM), stream (shards read lazily "
+        "through a shuffle buffer of shuffle_buffer_mb; peak memory independent of the number of tokens), auto: memory when "
+        "the split fits in the shuffle buffer, else stream. With a buffer that holds the whole split both give the same "
+        "batches, bit for bit.",
+    )
+    shuffle_buffer_mb: int = Field(
+        default=1024, gt=0,
+        description="Streaming: MB of activations held in the shuffle buffer (rows are shuffled within a window of this size; "
+        "the windows' order and each member's order inside a window come from the seeds). Peak memory is about twice this.",
+    )
     recipe: TrainConfig = Field(
         default_factory=lambda: TrainConfig(n_steps=200, batch_size=1024, lr=1e-3, autocast_bf16=True),
         description="Training recipe of every SAE; its seed is the base of the member seeds (run r, member j: "
@@ -148,6 +171,7 @@ class EvaluateConfig(_Strict):
     """Intrinsic metrics (SPEC §6) on the test split, at every J = 1..J_max over the S runs."""
 
     split: Literal["train", "val", "test"] = Field(default="test", description="Split the metrics are computed on.")
+    device: DeviceSetting = _device_field("the metrics (codes, connectivity, stability cosines)")
     max_tokens: int | None = Field(default=None, gt=0, description="Use at most this many tokens of the split.")
     batch_size: int = Field(default=4096, gt=0, description="Tokens encoded per batch.")
     diversity_threshold: float = Field(default=0.7, gt=0, le=1, description="Cosine below which a latent counts as diverse.")
@@ -215,6 +239,7 @@ class DownstreamConfig(_Strict):
         default=30, gt=0, description="SCR: cap on the paragraphs per (topic, gender) cell and split."
     )
     batch_size: int = Field(default=32, gt=0, description="Documents per forward pass of the language model.")
+    device: DeviceSetting = _device_field("the language model and the SAEs")
     encode_batch_size: int = Field(default=4096, gt=0, description="Tokens encoded per batch by an SAE.")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the confidence bands in the figures.")
     seed: int = Field(default=0, description="Seed of the document samples and probes.")

@@ -69,8 +69,8 @@ def model_identity(cfg: ExtractConfig) -> str:
 
 
 def extraction_fingerprint(cfg: ExtractConfig, corpus_fp: str, model_id: str) -> str:
-    """What the shards depend on: the config (minus batching), the corpus and the weights."""
-    recipe = cfg.model_dump(exclude={"batch_size"})
+    """What the shards depend on: the config (minus batching and device), the corpus and the weights."""
+    recipe = cfg.model_dump(exclude={"batch_size", "device"})  # where it ran does not change what it wrote
     h = hashlib.sha256()
     h.update(repr(sorted(recipe.items())).encode())
     h.update(corpus_fp.encode())
