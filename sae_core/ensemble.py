@@ -117,7 +117,8 @@ class Ensemble(torch.nn.Module):
             raise ValueError(f"a {method} SAE has exactly one member, got {J}")
         if alpha is None:
             alpha = torch.full((J,), 1.0 / J) if method == "bagging" else torch.ones(J)
-        alpha = torch.as_tensor(alpha, dtype=torch.float32)
+        # α lives with the members (a buffer: .to(device) moves both)
+        alpha = torch.as_tensor(alpha, dtype=torch.float32).to(members.W_enc.device)
         if alpha.shape != (J,) or bool((alpha < 0).any()):
             raise ValueError(f"alpha must be {J} non-negative weights, got {alpha.tolist()}")
         self.members = members
@@ -165,13 +166,18 @@ class Ensemble(torch.nn.Module):
         """Σ_j α_j b_dec^(j): [d]."""
         return (self.alpha[:, None] * self.members.b_dec).sum(0)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the members' parameters."""
+        return self.members.W_enc.device
+
     def member(self, j: int) -> SAE:
-        """Member j as a standalone single SAE."""
+        """Member j as a standalone single SAE (on the ensemble's device)."""
         return self.members.member(j)
 
     def latent_member(self) -> Tensor:
         """Member index of each latent of the concatenated view: [mJ]."""
-        return torch.arange(self.n_members).repeat_interleave(self.members.cfg.d_sae)
+        return torch.arange(self.n_members, device=self.device).repeat_interleave(self.members.cfg.d_sae)
 
     # -------------------------------------------------------------- inference
     def _check(self, x: Tensor, width: int, what: str) -> None:
@@ -244,7 +250,7 @@ class Ensemble(torch.nn.Module):
         if not 1 <= n <= self.n_members:
             raise ValueError(f"prefix size must be in 1..{self.n_members}, got {n}")
         if self.method == "bagging":
-            return torch.full((n,), 1.0 / n)
+            return torch.full((n,), 1.0 / n, device=self.alpha.device)
         return self.alpha[:n].clone()
 
     def prefix(self, n: int) -> "Ensemble":

@@ -21,6 +21,7 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7, eps
         y_next = (weights[:, None] * x).sum(0) / weights.sum()
         moved = (y_next - y).norm()
         y = y_next
+        # one host sync per iteration (the stopping test); this runs once per training, not per step
         if moved <= tol * max(1.0, float(y.norm())):
             break
     return y.to(points.dtype)
@@ -33,12 +34,12 @@ def initial_b_dec(activations: Tensor, method: str, n_samples: int) -> Tensor:
     starts from the same bias, whatever its seed.
     """
     n = min(n_samples, activations.shape[0])
-    idx = torch.linspace(0, activations.shape[0] - 1, n).round().long()
+    idx = torch.linspace(0, activations.shape[0] - 1, n).round().long().to(activations.device)
     sample = activations[idx].float()
     if method == "geometric_median":
         return geometric_median(sample)
     if method == "mean":
         return sample.mean(0)
     if method == "zeros":
-        return torch.zeros(activations.shape[1])
+        return torch.zeros(activations.shape[1], device=activations.device)
     raise ValueError(f"unknown b_dec_init {method!r}; use geometric_median, mean or zeros")

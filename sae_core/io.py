@@ -69,6 +69,11 @@ class _AtomicDirectory:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU (a module trained on CUDA saves the same file as one trained on the CPU)."""
+    return {name: t.cpu() for name, t in tensors.items()}
+
+
 def save_sae(sae: SAE, directory: str | Path, member: int | None = None) -> Path:
     """Write one SAE (or member ``member`` of a stack) to ``directory`` atomically."""
     if member is None:
@@ -79,7 +84,7 @@ def save_sae(sae: SAE, directory: str | Path, member: int | None = None) -> Path
             )
         member = 0
     directory = Path(directory)
-    tensors = sae.member_state(member)
+    tensors = _host(sae.member_state(member))
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(sae_config_dict(sae.cfg), indent=2) + "\n")
@@ -163,7 +168,7 @@ def save_ensemble(ensemble: "Ensemble", directory: str | Path, histories: "list[
     with atomic_directory(directory) as tmp:
         for j, name in enumerate(names):
             (tmp / name).mkdir()
-            save_file(ensemble.members.member_state(j), str(tmp / name / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_file(_host(ensemble.members.member_state(j)), str(tmp / name / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / name / CONFIG_FILE).write_text(json.dumps(sae_config_dict(ensemble.member_cfg), indent=2) + "\n")
         (tmp / ENSEMBLE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if histories is not None:

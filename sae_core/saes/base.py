@@ -144,7 +144,9 @@ class SAE(nn.Module):
         train_cfg = train_cfg or TrainConfig(n_steps=1)
         encoder_norm = train_cfg.initial_encoder_norm(self.sparsity)
         for j, gen in enumerate(generators):
-            w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
+            # drawn on the generator's device (a seeded CPU generator gives the same init
+            # whichever device the module is on), then copied into the parameters
+            w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen, device=gen.device)
             w /= w.norm(dim=-1, keepdim=True)
             self.W_dec[j].copy_(w)
             self.W_enc[j].copy_(w.T * encoder_norm)  # x · 1.0 is exact: TopK-type inits are unchanged
@@ -278,9 +280,14 @@ class SAE(nn.Module):
         view.n_members = 1
         return view
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (all of them live on one device)."""
+        return self.W_enc.device
+
     def member(self, j: int) -> "SAE":
-        """A standalone single SAE (J = 1) holding a copy of member j."""
-        single = type(self)(self.cfg, n_members=1)
+        """A standalone single SAE (J = 1) holding a copy of member j, on this module's device."""
+        single = type(self)(self.cfg, n_members=1).to(self.device)
         single.load_state_dict({name: t.unsqueeze(0) for name, t in self.member_state(j).items()})
         return single
 
@@ -296,7 +303,7 @@ class SAE(nn.Module):
                     f"member {i} ({type(m).__name__}, {m.cfg}) differs from member 0 ({cls.__name__}, {cfg}); "
                     "stacked members must be single SAEs of one architecture and config"
                 )
-        stacked = cls(cfg, n_members=len(members))
+        stacked = cls(cfg, n_members=len(members)).to(members[0].device)
         states = [m.state_dict() for m in members]
         stacked.load_state_dict({k: torch.cat([s[k] for s in states]) for k in states[0]})
         return stacked

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
@@ -10,9 +12,11 @@ from sae_core.registry import register_architecture
 from sae_core.saes.base import SAE, LossContext, LossOutput, activity_kwargs, lp_sparsity, squared_error
 
 
-def _compute_dtype() -> torch.dtype:
-    """bf16 inside a CPU bf16 autocast region, else fp32."""
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+def _compute_dtype(device_type: str = "cpu") -> torch.dtype:
+    """bf16 inside a bf16 autocast region of ``device_type`` (the input's device: "cpu", "cuda"), else fp32."""
+    if not torch.amp.is_autocast_available(device_type):
+        return torch.float32
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
         return torch.bfloat16
     return torch.float32
 
@@ -24,7 +28,7 @@ def _count_active(codes: Tensor, block: int = 256) -> Tensor:
     (integers up to 256 are representable), then accumulated in fp32.
     """
     signs = codes.ceil().clamp_max_(1)  # codes >= 0: 1 where positive; faster than sign() on bf16
-    counts = torch.zeros(codes.shape[0], codes.shape[2])
+    counts = torch.zeros(codes.shape[0], codes.shape[2], device=codes.device)
     for start in range(0, codes.shape[1], block):
         counts += signs[:, start : start + block].sum(1).float()
     return counts
@@ -58,7 +62,10 @@ class _FusedReLUStep(torch.autograd.Function):
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, centre: bool, dtype: torch.dtype,
                 log_statistics: bool):
         J, B, _ = x.shape
-        with torch.autocast("cpu", enabled=False):
+        # autocast off on the input's device (CPU or CUDA): the dtypes below are chosen by
+        # hand (``dtype``), and the backward is written for exactly these dtypes
+        no_autocast = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) else nullcontext()
+        with no_autocast:
             xc = (x - b_dec[:, None, :]) if centre else x
             xc_c = xc.to(dtype)
             W_enc_c, W_dec_c = W_enc.to(dtype), W_dec.to(dtype)
@@ -73,7 +80,7 @@ class _FusedReLUStep(torch.autograd.Function):
             norms = W_dec.norm(dim=-1)  # [J, m]
             sparsity = (col_sums * norms).sum(-1) / B
             # exact L0 costs a pass over the codes: only on logged steps
-            l0 = _count_active(codes).sum(-1) / B if log_statistics else torch.full((J,), float("nan"))
+            l0 = _count_active(codes).sum(-1) / B if log_statistics else torch.full((J,), float("nan"), device=x.device)
         ctx.save_for_backward(x, xc_c, codes, W_enc, W_enc_c, W_dec, W_dec_c, err, col_sums, norms)
         ctx.centre = centre
         ctx.mark_non_differentiable(recon, l0)
@@ -84,8 +91,8 @@ class _FusedReLUStep(torch.autograd.Function):
         x, xc_c, codes, W_enc, W_enc_c, W_dec, W_dec_c, err, col_sums, norms = ctx.saved_tensors
         J, B, _ = x.shape
         dtype = codes.dtype
-        g_mse = torch.zeros(J) if g_mse is None else g_mse.float()
-        g_sparsity = torch.zeros(J) if g_sparsity is None else g_sparsity.float()
+        g_mse = torch.zeros(J, device=x.device) if g_mse is None else g_mse.float()
+        g_sparsity = torch.zeros(J, device=x.device) if g_sparsity is None else g_sparsity.float()
         d_recon = err * (2.0 / B * g_mse)[:, None, None]  # [J, B, d] fp32
         d_recon_c = d_recon.to(dtype)
         d_W_dec = None
@@ -126,7 +133,7 @@ class ReLUSAE(SAE):
         """The fused step (:class:`_FusedReLUStep`) when ``fast_paths`` and p = 1; else plain autograd."""
         if ctx.train_cfg.fast_paths and ctx.p == 1.0 and ctx.p_next is None:
             mse, sparsity, recon, fired, l0 = _FusedReLUStep.apply(
-                a, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.apply_b_dec_to_input, _compute_dtype(),
+                a, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.apply_b_dec_to_input, _compute_dtype(a.device.type),
                 ctx.log_statistics,
             )
             return LossOutput(

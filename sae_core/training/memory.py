@@ -13,6 +13,11 @@ the second step reuses the first step's pages. The process keeps its peak memory
 it exits, which is what a training process wants anyway. It is a process-wide setting,
 applied once; on anything but glibc it does nothing. The extraction stage applies it too
 (shard-sized arrays and Parquet buffers per shard).
+
+On a CUDA device it is harmless: device memory comes from torch's CUDA caching allocator
+and pinned host buffers from CUDA's host allocator, neither of which goes through glibc's
+malloc, so the setting only affects the host-side arrays (shards, shuffle buffer), which
+it keeps from being re-faulted as on the CPU.
 """
 
 from __future__ import annotations

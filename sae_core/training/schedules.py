@@ -59,16 +59,21 @@ class PAnnealer:
         return self.p_values[self.n_done] if self.n_done < len(self.p_values) else None
 
     def record(self, norm_current: Tensor, norm_next: Tensor | None) -> None:
-        """Store one batch's summed L_p^p norms at the current and next p ([J] each)."""
+        """Store one batch's summed L_p^p norms at the current and next p ([J] each).
+
+        They stay on their device (no host sync per step); :meth:`advance` brings the
+        queue to the coefficient's device (the CPU) at the few update steps.
+        """
         if norm_next is not None:
-            self.queue.append((norm_current.detach().double().cpu(), norm_next.detach().double().cpu()))
+            self.queue.append((norm_current.detach().double(), norm_next.detach().double()))
 
     def advance(self, step: int) -> None:
         """Apply every update scheduled at ``step`` (called after the step's batch was recorded)."""
         while self.n_done < len(self.update_steps) and self.update_steps[self.n_done] == step:
             if self.queue:
-                current = torch.stack([q[0] for q in self.queue]).sum(0)
-                nxt = torch.stack([q[1] for q in self.queue]).sum(0)
+                device = self.coefficient.device
+                current = torch.stack([q[0].to(device) for q in self.queue]).sum(0)
+                nxt = torch.stack([q[1].to(device) for q in self.queue]).sum(0)
                 ratio = torch.where(nxt > 0, current / nxt.clamp_min(1e-300), torch.ones_like(nxt))
                 self.coefficient = self.coefficient * ratio
             self.p = self.p_values[self.n_done]
@@ -78,10 +83,10 @@ class PAnnealer:
     # checkpoint support -----------------------------------------------------
     def state(self) -> tuple[dict, dict[str, Tensor]]:
         """(JSON-able scalars, tensors) for a checkpoint."""
-        tensors = {"p_anneal.coefficient": self.coefficient.clone()}
-        for i, (cur, nxt) in enumerate(self.queue):
-            tensors[f"p_anneal.queue.{i}.current"] = cur.clone()
-            tensors[f"p_anneal.queue.{i}.next"] = nxt.clone()
+        tensors = {"p_anneal.coefficient": self.coefficient.cpu().clone()}
+        for i, (cur, nxt) in enumerate(self.queue):  # on the CPU, as the checkpoint stores them
+            tensors[f"p_anneal.queue.{i}.current"] = cur.cpu().clone()
+            tensors[f"p_anneal.queue.{i}.next"] = nxt.cpu().clone()
         return {"p": self.p, "n_done": self.n_done, "queue_len": len(self.queue)}, tensors
 
     def load_state(self, scalars: dict, tensors: dict[str, Tensor]) -> None:
