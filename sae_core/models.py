@@ -19,12 +19,13 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from sae_core.devices import resolve_device, to_device
 from sae_core.hashing import file_sha256
 
 EMBEDDED_MODELS = {
@@ -122,6 +123,7 @@ class LoadedModel:
     suffix_ids: list[int]  # and after it
     special_ids: frozenset[int]
     pad_id: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the model's weights are
 
 
 def resolve_source(name: str) -> tuple[str | Path, str | None]:
@@ -198,6 +200,7 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     causal_lm: bool = False,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
     """Load ``name`` up to block ``layer`` (0-based) for activation extraction, offline-safe.
 
@@ -209,12 +212,17 @@ def load_model(
     checkpoint (``pytorch_model.bin``) can run code when unpickled, so a model that has
     only those is refused. A model that ships its own Python code (``auto_map`` in its
     config) is refused unless ``trust_remote_code`` opts in.
+
+    ``device``: a stage's device setting (``auto | cpu | cuda | cuda:N``, see
+    :mod:`sae_core.devices`) or a torch device; the weights are loaded there (in ``dtype``,
+    no autocast) and :func:`residual_stream` moves its inputs there.
     """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    target = resolve_device(device)  # a CUDA device this machine lacks fails before anything loads
     source, _ = resolve_source(name)
     if isinstance(source, Path):
         require_safetensors(source, name)
@@ -252,7 +260,7 @@ def load_model(
             dtype=dtype,
             use_safetensors=True,
             **{layer_key: kept_layers},
-        ).eval()
+        ).eval().to(target)
     except OSError as err:
         if "safetensors" not in str(err):
             raise
@@ -288,6 +296,7 @@ def load_model(
         suffix_ids=suffix,
         special_ids=frozenset(specials),
         pad_id=int(pad),
+        device=target,
     )
 
 
@@ -297,8 +306,12 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def residual_stream(loaded: LoadedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Output of block ``loaded.layer`` for a padded batch: [B, T] -> [B, T, d]."""
+    """Output of block ``loaded.layer`` for a padded batch: [B, T] -> [B, T, d], on the model's device.
+
+    The inputs are moved to ``loaded.device`` (through pinned memory for CUDA).
+    """
     captured: dict[str, Tensor] = {}
+    input_ids, attention_mask = to_device(input_ids, loaded.device), to_device(attention_mask, loaded.device)
 
     def hook(module, args, output):
         captured["h"] = output[0] if isinstance(output, (tuple, list)) else output

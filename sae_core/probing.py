@@ -10,6 +10,11 @@ differ most between the class and the rest on the train split.
 Ensembles are encoded once: pooled member codes ``[J, N, m]`` give every prefix
 J' = 1..J by re-weighting (:func:`prefix_pooled_codes`), which equals encoding with
 ``Ensemble.prefix(J')`` because mean pooling is linear (tested).
+
+Encoding runs on the dictionary's device (``device=None``: where its parameters are);
+token batches are moved there, the pooled codes come back to the CPU. Probes fit on the
+CPU (scikit-learn): every function taking ``np.ndarray | Tensor`` accepts a tensor on any
+device.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sae_core.devices import resolve_device, to_device
 from sae_core.numerics import NORM_EPS
 
 
@@ -55,15 +61,38 @@ class IdentityDictionary:
         return torch.eye(self.d)
 
 
+def as_array(x: np.ndarray | Tensor, dtype=np.float64) -> np.ndarray:
+    """``x`` as a numpy array of ``dtype``; a tensor is detached and brought to the CPU first."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def encoding_device(sae, activations: Tensor | np.ndarray, device: str | torch.device | None) -> torch.device:
+    """Where ``sae`` encodes: ``device`` if given (an SAE module is moved there, in place),
+    else the device of its parameters (``sae.device``), else that of the activations (a
+    dictionary without parameters, such as :class:`IdentityDictionary`)."""
+    if device is not None:
+        target = resolve_device(device)
+        if isinstance(sae, torch.nn.Module):
+            sae.to(target)
+        return target
+    own = getattr(sae, "device", None)
+    if isinstance(own, torch.device):
+        return own
+    return activations.device if isinstance(activations, Tensor) else torch.device("cpu")
+
+
 # ----------------------------------------------------------------------- pooling
 def mean_pool(values: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_docs: int) -> Tensor:
     """Mean over each document's tokens: pooled[n] = (1/|T_n|) Σ_{t ∈ T_n} values[t].
 
     values: [T, m] per-token values; doc_index: [T] document of each token in 0..n_docs−1.
-    Returns [n_docs, m] float32. A document without tokens raises (its mean is undefined).
+    Returns [n_docs, m] float32 on the device of ``values``. A document without tokens
+    raises (its mean is undefined).
     """
     values = torch.as_tensor(values, dtype=torch.float32)
-    index = torch.as_tensor(doc_index, dtype=torch.long)
+    index = torch.as_tensor(doc_index, dtype=torch.long).to(values.device)
     if values.ndim != 2 or index.shape != (values.shape[0],):
         raise ValueError(f"values must be [T, m] and doc_index [T]; got {tuple(values.shape)} and {tuple(index.shape)}")
     counts = torch.bincount(index, minlength=n_docs).float()
@@ -71,55 +100,62 @@ def mean_pool(values: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_doc
         raise ValueError(f"doc_index holds {int(index.max())}, outside 0..{n_docs - 1}")
     if bool((counts == 0).any()):
         raise ValueError(f"document {int((counts == 0).nonzero()[0])} has no tokens to pool")
-    sums = torch.zeros(n_docs, values.shape[1]).index_add_(0, index, values)
+    sums = torch.zeros(n_docs, values.shape[1], device=values.device).index_add_(0, index, values)
     return sums / counts[:, None]
 
 
 @torch.no_grad()
 def pooled_codes(
-    sae: SAELike, activations: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_docs: int, batch_size: int = 4096
+    sae: SAELike, activations: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_docs: int, batch_size: int = 4096,
+    device: str | torch.device | None = None,
 ) -> Tensor:
-    """Mean-pooled codes per document: pool(encode(a)) -> [n_docs, m].
+    """Mean-pooled codes per document: pool(encode(a)) -> [n_docs, m], on the CPU.
 
     activations: [T, d] token activations; doc_index: [T]. Tokens are encoded in batches
     of ``batch_size`` and summed into the documents, so memory stays at [batch, m].
+    ``device``: where to encode and sum (:func:`encoding_device`; None: the SAE's own;
+    else the SAE is moved there).
     """
     a = torch.as_tensor(activations, dtype=torch.float32)
-    index = torch.as_tensor(doc_index, dtype=torch.long)
+    device = encoding_device(sae, a, device)
+    index = to_device(torch.as_tensor(doc_index, dtype=torch.long), device)
     sums: Tensor | None = None
     for start in range(0, a.shape[0], batch_size):
-        codes = sae.encode(a[start : start + batch_size]).float()
+        codes = sae.encode(to_device(a[start : start + batch_size], device)).float()
         if sums is None:
-            sums = torch.zeros(n_docs, codes.shape[1])
+            sums = torch.zeros(n_docs, codes.shape[1], device=device)
         sums.index_add_(0, index[start : start + batch_size], codes)
     if sums is None:
         raise ValueError("no tokens to encode")
     counts = torch.bincount(index, minlength=n_docs).float()
     if bool((counts == 0).any()):
         raise ValueError(f"document {int((counts == 0).nonzero()[0])} has no tokens to pool")
-    return sums / counts[:, None]
+    return (sums / counts[:, None]).cpu()
 
 
 @torch.no_grad()
 def pooled_member_codes(
-    ensemble, activations: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_docs: int, batch_size: int = 4096
+    ensemble, activations: Tensor | np.ndarray, doc_index: Tensor | np.ndarray, n_docs: int, batch_size: int = 4096,
+    device: str | torch.device | None = None,
 ) -> Tensor:
-    """Each member's own mean-pooled codes (without α): [J, n_docs, m].
+    """Each member's own mean-pooled codes (without α): [J, n_docs, m], on the CPU.
 
     ``ensemble.member_codes(a)`` gives [J, B, m] (boosting members read their residuals).
     Encoding once here serves every prefix through :func:`prefix_pooled_codes`.
+    ``device``: where to encode and sum (None: the ensemble's own; else it is moved there).
     """
     a = torch.as_tensor(activations, dtype=torch.float32)
-    index = torch.as_tensor(doc_index, dtype=torch.long)
+    device = encoding_device(ensemble, a, device)
+    index = to_device(torch.as_tensor(doc_index, dtype=torch.long), device)
     J, k = ensemble.n_members, ensemble.member_cfg.d_sae
-    sums = torch.zeros(J, n_docs, k)
+    sums = torch.zeros(J, n_docs, k, device=device)
     for start in range(0, a.shape[0], batch_size):
-        codes = ensemble.member_codes(a[start : start + batch_size]).float()  # [J, B, m]
+        codes = ensemble.member_codes(to_device(a[start : start + batch_size], device)).float()  # [J, B, m]
         sums.index_add_(1, index[start : start + batch_size], codes)
     counts = torch.bincount(index, minlength=n_docs).float()
     if bool((counts == 0).any()):
         raise ValueError(f"document {int((counts == 0).nonzero()[0])} has no tokens to pool")
-    return sums / counts[None, :, None]
+    return (sums / counts[None, :, None]).cpu()
 
 
 def prefix_pooled_codes(pooled_members: Tensor, alpha: Tensor) -> Tensor:
@@ -130,7 +166,7 @@ def prefix_pooled_codes(pooled_members: Tensor, alpha: Tensor) -> Tensor:
     linear; its dictionary is ``ensemble.W_dec[: n·k]``.
     """
     n = alpha.shape[0]
-    scaled = pooled_members[:n] * alpha[:, None, None]
+    scaled = pooled_members[:n] * alpha.to(pooled_members.device)[:, None, None]
     return scaled.permute(1, 0, 2).reshape(pooled_members.shape[1], n * pooled_members.shape[2])
 
 
@@ -149,7 +185,7 @@ class LinearProbe:
 
     def decision(self, x: np.ndarray | Tensor) -> np.ndarray:
         """w·(x−μ)/s + b: [N, m] -> [N]."""
-        x = np.asarray(x, dtype=np.float64)
+        x = as_array(x)
         return ((x - self.mean) / self.scale) @ self.coef + self.intercept
 
     def predict(self, x: np.ndarray | Tensor) -> np.ndarray:
@@ -174,7 +210,7 @@ def fit_probe(x: np.ndarray | Tensor, y: np.ndarray, *, C: float = 1.0, max_iter
     """
     from sklearn.linear_model import LogisticRegression
 
-    x = np.asarray(x, dtype=np.float64)
+    x = as_array(x)
     y = np.asarray(y).astype(np.int64)
     classes = np.unique(y)
     if len(classes) != 2:
@@ -200,7 +236,7 @@ def select_top_latents(x_train: np.ndarray | Tensor, y_train: np.ndarray, k: int
     x_train: [N, m]; y_train: [N] in {0, 1}. Returns [min(k, m)] int64, largest first
     (ties broken by the lower index, so the choice is deterministic).
     """
-    x = np.asarray(x_train, dtype=np.float64)
+    x = as_array(x_train)
     y = np.asarray(y_train).astype(bool)
     if y.all() or not y.any():
         raise ValueError("top-latent selection needs positive and negative train rows")
@@ -252,8 +288,8 @@ def sparse_probe_accuracy(
     accuracy on test (chance 0.5). With two classes only the first class is probed (the
     other task is its mirror image).
     """
-    x_train = np.asarray(x_train, dtype=np.float64)
-    x_test = np.asarray(x_test, dtype=np.float64)
+    x_train = as_array(x_train)
+    x_test = as_array(x_test)
     labels_train = np.asarray(labels_train).astype(str)
     labels_test = np.asarray(labels_test).astype(str)
     if classes is None:
@@ -289,7 +325,7 @@ def full_probe_accuracy(
 
     Used on the raw activations (the baseline probe); rows as in :func:`sparse_probe_accuracy`.
     """
-    x_train = np.asarray(x_train, dtype=np.float64)
+    x_train = as_array(x_train)
     m = x_train.shape[1]
     out = sparse_probe_accuracy(x_train, labels_train, x_test, labels_test, [m], classes=classes, seed=seed)
     return out

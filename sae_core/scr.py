@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_core.probing import LinearProbe, SAELike, fit_probe, pooled_codes
+from sae_core.probing import LinearProbe, SAELike, as_array, fit_probe, pooled_codes
 
 
 @dataclass
@@ -97,12 +97,12 @@ def latent_scores(codes: Tensor | np.ndarray, z: np.ndarray, W_dec: Tensor | np.
     codes: [N, m] pooled codes on the balanced split; z: [N] in {0, 1}; W_dec: [m, d]
     (row i = f_i); w_z: [d] the z probe's direction in activation space. Returns [m].
     """
-    c = np.asarray(codes, dtype=np.float64)
+    c = as_array(codes)
     z = np.asarray(z).astype(bool)
     if z.all() or not z.any():
         raise ValueError("latent scores need documents with z = 0 and z = 1")
     mean_diff = c[z].mean(0) - c[~z].mean(0)
-    W = np.asarray(W_dec, dtype=np.float64)
+    W = as_array(W_dec)
     if W.shape[0] != c.shape[1]:
         raise ValueError(f"W_dec has {W.shape[0]} rows but the codes have {c.shape[1]} latents")
     return np.abs(mean_diff * (W @ np.asarray(w_z, dtype=np.float64)))
@@ -121,11 +121,11 @@ def ablate_pooled(acts: Tensor | np.ndarray, codes: Tensor | np.ndarray, W_dec: 
     acts: [N, d] pooled activations; codes: [N, m] pooled codes; W_dec: [m, d];
     latents: indices of the ablated latents. Returns [N, d].
     """
-    a = np.asarray(acts, dtype=np.float64)
+    a = as_array(acts)
     if len(latents) == 0:
         return a.copy()
-    c = np.asarray(codes, dtype=np.float64)[:, latents]
-    W = np.asarray(W_dec, dtype=np.float64)[latents]
+    c = as_array(codes)[:, latents]
+    W = as_array(W_dec)[latents]
     return a - c @ W
 
 
@@ -175,14 +175,16 @@ def spurious_correlation_removal(
     test_tokens: tuple[Tensor | np.ndarray, np.ndarray],
     n_ablated: Iterable[int],
     probes: SCRProbes | None = None,
+    device: str | torch.device | None = None,
 ) -> list[SCRResult]:
     """SHIFT for any SAE-like object (encode + W_dec): single SAE, ensemble, or identity.
 
     balanced_tokens / test_tokens: (token activations [T, d], document index [T]) of the
     balanced train and test documents, in the order of ``data``'s rows; their codes are
-    mean-pooled here. ``probes`` default to :func:`fit_scr_probes` on ``data``.
+    mean-pooled here, on ``device`` (None: the SAE's own; see
+    :func:`~sae_core.probing.pooled_codes`). ``probes`` default to :func:`fit_scr_probes` on ``data``.
     """
     probes = probes if probes is not None else fit_scr_probes(data)
-    codes_bal = pooled_codes(sae, balanced_tokens[0], balanced_tokens[1], len(data.balanced_y))
-    codes_test = pooled_codes(sae, test_tokens[0], test_tokens[1], len(data.test_y))
-    return shift_curve(probes, data, codes_bal, codes_test, sae.W_dec.detach(), n_ablated)
+    codes_bal = pooled_codes(sae, balanced_tokens[0], balanced_tokens[1], len(data.balanced_y), device=device)
+    codes_test = pooled_codes(sae, test_tokens[0], test_tokens[1], len(data.test_y), device=device)
+    return shift_curve(probes, data, codes_bal, codes_test, sae.W_dec.detach().cpu(), n_ablated)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sae_core.devices import resolve_device, to_device
+
 Replacement = Callable[[Tensor], Tensor]  # [N, d] hidden states -> [N, d]
 
 
@@ -54,13 +56,27 @@ def spliced_losses(
     attention_mask: Tensor,
     splice_mask: Tensor,
     replacements: dict[str, Replacement | None],
+    *,
+    device: str | torch.device | None = None,
 ) -> dict[str, SpliceLosses]:
     """CE and KL of the causal LM ``model`` with each replacement spliced after ``block``.
 
     input_ids, attention_mask, splice_mask: [B, T]; splice_mask marks the positions whose
     hidden state is replaced. ``replacements``: name -> f or None (None = the clean run,
     which is always computed as the KL reference). Returns name -> SpliceLosses.
+
+    ``device``: where the forward passes run (a device setting, ``auto | cpu | cuda |
+    cuda:N``, or a torch device); None: the model's own. The model and every replacement
+    that is a module (an SAE, an ensemble) are moved there, in place; the inputs too. A
+    replacement's output is brought to the hidden state's device and dtype.
     """
+    target = _model_device(model) if device is None else resolve_device(device)
+    if _model_device(model) != target:
+        model.to(target)
+    for f in replacements.values():
+        if isinstance(f, nn.Module):
+            f.to(target)
+    input_ids, attention_mask, splice_mask = (to_device(t, target) for t in (input_ids, attention_mask, splice_mask))
     targets, valid = _next_token_targets(input_ids, attention_mask)
     if not bool(valid.any()):
         raise ValueError("no next-token targets: every sequence is shorter than 2 real tokens")
@@ -73,7 +89,7 @@ def spliced_losses(
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         patched = hidden.clone()
         rows = splice_mask.bool()
-        patched[rows] = f(hidden[rows].float()).to(hidden.dtype)
+        patched[rows] = f(hidden[rows].float()).to(hidden.device, hidden.dtype)
         if isinstance(output, tuple):
             return (patched, *output[1:])
         if isinstance(output, list):
@@ -98,6 +114,12 @@ def spliced_losses(
     finally:
         handle.remove()
     return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def zero_replacement(h: Tensor) -> Tensor:

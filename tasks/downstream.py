@@ -36,6 +36,7 @@ import pandas as pd
 from data_contracts.activations import ActivationManifest, read_manifest
 from data_contracts.core import ContractViolation
 from data_contracts.labelled import read_table, table_metadata, write_table
+from sae_core.devices import resolve_device
 from sae_core.hashing import file_sha256
 from sae_core.io import ENSEMBLE_FILE
 from sae_core.methods import RAW
@@ -88,7 +89,7 @@ def _inputs_fingerprint(
     """What the result tables depend on: the config, the extraction, the documents and
     every model's files (stored in the tables' metadata under INPUTS_KEY)."""
     h = hashlib.sha256()
-    h.update(cfg.model_dump_json().encode())
+    h.update(cfg.model_dump_json(exclude={"device"}).encode())  # where it ran does not change what it wrote
     h.update(json.dumps([manifest.model, manifest.revision, manifest.layer, manifest.context_length]).encode())
     docs = sets.documents()
     h.update(tokens_fingerprint(manifest, docs, cfg.max_tokens_per_document).encode())
@@ -196,6 +197,7 @@ def run_downstream(cfg: DownstreamConfig, run_dir: Path, *, progress: bool = Tru
         except ContractViolation:
             pass  # damaged: recompute
 
+    resolve_device(cfg.device)  # a CUDA device this machine lacks fails here, before anything is written
     written = _write_labelled_sets(run_dir, sets)
     validated = list(written)
     tokens, extracted = document_tokens(sets.documents(), manifest, cfg, run_dir / TOKENS_DIR, progress)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sae_core.devices import resolve_device
 from sae_core.io import load_ensemble
 from sae_core.probing import full_probe_accuracy, pooled_member_codes, prefix_pooled_codes, sparse_probe_accuracy
 from sae_core.scr import SCRData, SCRProbes, fit_scr_probes, shift_curve
@@ -114,18 +115,19 @@ def evaluate_model(
     """Probing and SCR rows of one saved model at every J it is compared at
     (:meth:`ModelDir.prefixes`: each prefix of bagging/boosting, its own J otherwise).
 
-    The members are encoded once; each prefix only re-weights their pooled codes.
+    The members are encoded once, on ``cfg.device``; each prefix only re-weights their
+    pooled codes (on the CPU, like the probes).
     """
     path = model.path(run_dir)
-    ens = load_ensemble(path)
+    ens = load_ensemble(path).to(resolve_device(cfg.device))
     if ens.d_in != tokens.acts.shape[1]:
         raise ValueError(f"model {path} reads d={ens.d_in}, but the activations have d={tokens.acts.shape[1]}")
     members = pooled_member_codes(ens, tokens.acts, tokens.doc_index, len(tokens.doc_ids), cfg.encode_batch_size)
     d_sae = ens.member_cfg.d_sae
-    W_all = ens.W_dec.detach().float().numpy()
+    W_all = ens.W_dec.detach().float().cpu().numpy()
     prows, srows = [], []
     for n, label_j in model.prefixes(ens.n_members):
-        codes = prefix_pooled_codes(members, ens.prefix_alpha(n)).numpy()
+        codes = prefix_pooled_codes(members, ens.prefix_alpha(n).cpu()).numpy()
         p, s = evaluate_codes(model.method, label_j, model.run, codes, W_all[: n * d_sae], probing, scr, cfg)
         prows += p
         srows += s

@@ -109,7 +109,9 @@ def document_tokens(
     # a local or embedded model is read from disk, not by hub revision: its manifest revision
     # is the weights' sha256, which the check below compares
     revision = None if isinstance(source, Path) or manifest.revision == "unknown" else manifest.revision
-    loaded = load_model(manifest.model, manifest.layer, revision=revision, trust_remote_code=manifest.trust_remote_code)
+    loaded = load_model(
+        manifest.model, manifest.layer, revision=revision, trust_remote_code=manifest.trust_remote_code, device=cfg.device
+    )
     if loaded.revision != manifest.revision:
         raise ValueError(
             f"model {manifest.model!r} now has revision {loaded.revision}, but the activations were extracted from "

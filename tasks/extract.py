@@ -188,7 +188,7 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     # page by page (the minor faults and system time this costs: README, "Measurements
     # behind design choices").
     keep_freed_memory()
-    loaded = load_model(cfg.model, cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    loaded = load_model(cfg.model, cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device=cfg.device)
     token_ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
     n_special = len(loaded.prefix_ids) + len(loaded.suffix_ids)
     plan = _plan(docs, token_ids, cfg, n_special)
