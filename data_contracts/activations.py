@@ -344,3 +344,48 @@ def load_split(directory: str | Path, split: str, *, validate: bool = True) -> n
     if not parts:
         raise ContractViolation(directory, [Failure("split has tokens", f"split {split!r} has no shards in the manifest")])
     return np.concatenate(parts)
+
+
+# ------------------------------------------------------------------------ streaming reads
+
+
+def split_chunks(directory: str | Path, split: str, manifest: ActivationManifest | None = None) -> list:
+    """The row groups of ``split``'s shards, in manifest order, as chunks of an activation
+    source (:class:`sae_core.training.sources.Chunk`, key = (shard file, row group)). Reads
+    only the Parquet footers."""
+    from sae_core.training.sources import Chunk
+
+    directory = Path(directory)
+    manifest = manifest or read_manifest(directory)
+    chunks = []
+    for info in manifest.shards_of(split):
+        meta = pq.ParquetFile(directory / info.file).metadata
+        chunks += [Chunk((info.file, g), meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        if sum(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) != info.rows:
+            raise ContractViolation(directory, [Failure("token counts match manifest", f"{info.file}: row groups hold a different number of rows than the manifest's {info.rows}")])
+    if not chunks:
+        raise ContractViolation(directory, [Failure("split has tokens", f"split {split!r} has no shards in the manifest")])
+    return chunks
+
+
+def chunk_reader(directory: str | Path, d: int):
+    """A reader of chunks from :func:`split_chunks`: fills ``out`` [Σ n, d] with their rows,
+    one row group at a time (memory: ``out`` plus one row group)."""
+    directory = Path(directory)
+
+    def read(chunks, out: np.ndarray) -> None:
+        at = 0
+        for chunk in chunks:
+            file, group = chunk.key
+            column = pq.ParquetFile(directory / file).read_row_group(group, columns=["activation"]).column("activation")
+            column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+            values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+            if chunk.keep is not None:
+                values = values[np.asarray(chunk.keep, dtype=np.int64)]
+            out[at : at + values.shape[0]] = values
+            at += values.shape[0]
+        if at != out.shape[0]:
+            raise ValueError(f"read {at} rows from {directory} where {out.shape[0]} were expected")
+
+    return read
+

@@ -8,7 +8,10 @@ figures.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 
 from sae_core.io import ENSEMBLE_FILE
 from sae_core.methods import METHOD_NAMES, method
+from sae_core.training.sources import ChunkedSource, subset_per_chunk
 
 # run-directory layout (SPEC §8): each stage reads only what earlier stages wrote
 ACTIVATIONS_DIR = "activations"           # extract: split=<s>/shard-*.parquet + manifest.json
@@ -110,16 +114,26 @@ def has_ensemble(run_dir: str | Path, model: ModelDir) -> bool:
     return (model.path(run_dir) / ENSEMBLE_FILE).is_file()
 
 
-def split_tokens(directory: Path, split: str, max_tokens: int | None, seed: int) -> torch.Tensor:
-    """One split's activations [N, d] (the caller validated the directory); a seeded subset
-    of ``max_tokens`` rows, kept in file order, if the split is larger."""
-    from data_contracts.activations import load_split
+def activation_source(directory: Path, split: str, max_tokens: int | None, seed: int, *, buffer_mb: float | None = None,
+                      manifest=None) -> ChunkedSource:
+    """One split's activations as a source read shard by shard (the caller validated the
+    directory): a seeded subset of ``max_tokens`` rows if the split is larger
+    (:func:`~sae_core.training.sources.subset_per_chunk`). ``buffer_mb``: the shuffle buffer
+    of streamed training; None holds the whole split (read once, in memory)."""
+    from data_contracts.activations import chunk_reader, read_manifest, split_chunks
 
-    acts = torch.from_numpy(load_split(directory, split, validate=False))
-    if max_tokens is not None and acts.shape[0] > max_tokens:
-        keep = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))[:max_tokens]
-        acts = acts[keep.sort().values]
-    return acts
+    manifest = manifest or read_manifest(directory)
+    chunks = subset_per_chunk(split_chunks(directory, split, manifest), max_tokens, seed)
+    identity = hashlib.sha256(
+        json.dumps([[s.file, s.sha256] for s in manifest.shards_of(split)] + [max_tokens, seed]).encode()
+    ).hexdigest()
+    rows = sys.maxsize if buffer_mb is None else max(1, int(buffer_mb * 2**20) // (4 * manifest.d))
+    return ChunkedSource(chunks, chunk_reader(directory, manifest.d), manifest.d, identity, rows)
+
+
+def split_tokens(directory: Path, split: str, max_tokens: int | None, seed: int) -> torch.Tensor:
+    """One split's activations [N, d] in memory: the rows of :func:`activation_source`, in file order."""
+    return activation_source(directory, split, max_tokens, seed).in_memory().rows
 
 
 @dataclass

@@ -116,14 +116,13 @@ class TrainStageConfig(_Strict):
     )
     max_train_tokens: int | None = Field(default=None, gt=0, description="Use at most this many train tokens.")
     device: DeviceSetting = _device_field("training")
-    activations: Literal["auto", "memory", "stream"] = Field(
-        default="auto",
-        description="How the trainer reads the train split: memory (the whole split in RAM), stream (shards read lazily "
-        "through a shuffle buffer of shuffle_buffer_mb; peak memory independent of the number of tokens), auto: memory when "
-        "the split fits in the shuffle buffer, else stream. With a buffer that holds the whole split both give the same "
-        "batches, bit for bit.",
+    activations: Literal["stream", "memory"] = Field(
+        default="stream",
+        description="How the trainer reads the train split: stream (shards read lazily through a shuffle buffer of "
+        "shuffle_buffer_mb; peak memory independent of the number of tokens; a split that fits in the buffer is read "
+        "once and gives the same batches as memory, bit for bit) or memory (the whole split in RAM, whatever its size).",
     )
-    shuffle_buffer_mb: int = Field(
+    shuffle_buffer_mb: float = Field(
         default=1024, gt=0,
         description="Streaming: MB of activations held in the shuffle buffer (rows are shuffled within a window of this size; "
         "the windows' order and each member's order inside a window come from the seeds). Peak memory is about twice this.",

@@ -28,7 +28,9 @@ from sae_core import metrics
 from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metrics
 from sae_core.io import load_ensemble
 from sae_core.models import NotACausalLM
-from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, FIGURES_DIR, METRICS_DIR, ModelDir, StageResult, discover_models, split_tokens
+from sae_core.training.sources import ActivationSource
+from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, FIGURES_DIR, METRICS_DIR, ModelDir, StageResult, activation_source, discover_models
+from tasks.progress import ProgressLog
 from tasks.config import EvaluateConfig
 from tasks.summaries import summarise_over_runs
 
@@ -143,7 +145,7 @@ def summarise(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
     return summarise_over_runs(frame, ["method", "n_members", "metric"], "value", confidence)
 
 
-def _model_rows(model: ModelDir, run_dir: Path, acts: torch.Tensor, d: int, cfg: EvaluateConfig,
+def _model_rows(model: ModelDir, run_dir: Path, acts: ActivationSource, d: int, cfg: EvaluateConfig,
                 dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]]) -> list[dict]:
     """Every prefix's reconstruction and dictionary metrics; records each prefix's dictionary."""
     directory = model.path(run_dir)
@@ -153,7 +155,7 @@ def _model_rows(model: ModelDir, run_dir: Path, acts: torch.Tensor, d: int, cfg:
             f"{directory} was trained on d={ens.d_in} activations but {run_dir / ACTIVATIONS_DIR} has d={d}; retrain (train stage)"
         )
     with torch.no_grad():
-        recon = prefix_reconstruction_metrics(ens, acts.split(cfg.batch_size))
+        recon = prefix_reconstruction_metrics(ens, acts.iter_batches(cfg.batch_size))
     d_sae = ens.member_cfg.d_sae
     rows = []
     for n, J in model.prefixes(ens.n_members):
@@ -169,10 +171,11 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
     run_dir = Path(run_dir)
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=(cfg.split,))
-    acts = split_tokens(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED)
+    # streamed shard by shard for every model: memory independent of the number of tokens
+    acts = activation_source(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED, manifest=manifest)
     models = discover_models(run_dir)
     result = StageResult(stage="evaluate", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
-    result.notes.append(f"evaluated on the {cfg.split} split: T = {acts.shape[0]} tokens")
+    result.notes.append(f"evaluated on the {cfg.split} split: T = {acts.n_rows} tokens, streamed from its shards")
 
     rows: list[dict] = []
     dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]] = defaultdict(dict)
@@ -181,9 +184,12 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
         from tqdm.auto import tqdm
 
         iterator = tqdm(models, desc="evaluate", unit="model")
+    log = ProgressLog("evaluate", len(models), "models", tokens_per_unit=acts.n_rows, enabled=not progress)
     for model in iterator:
         rows += _model_rows(model, run_dir, acts, manifest.d, cfg, dictionaries)
         result.read.append(model.relative)
+        log.advance(1, model.relative)
+    log.finish()
     stab_rows, notes = _stability_rows(dictionaries, cfg)
     rows += stab_rows
     result.notes += notes

@@ -42,8 +42,11 @@ from sae_core.training.ensembles import (
     train_single,
 )
 from sae_core.training.records import TrainingRecord
-from tasks.common import ACTIVATIONS_DIR, ModelDir, StageResult, split_tokens
+from sae_core.devices import resolve_device
+from sae_core.training.sources import ActivationSource
+from tasks.common import ACTIVATIONS_DIR, ModelDir, StageResult, activation_source
 from tasks.config import TrainStageConfig
+from tasks.progress import ProgressLog
 
 ProgressCallback = Callable[[float, str], None]
 CHECKPOINTS_DIR = ".checkpoints"
@@ -136,7 +139,8 @@ class _JobContext:
     """What a method's trainer needs besides the job: data, configs, callbacks, earlier results."""
 
     sae_cfg: SAEConfig
-    acts: torch.Tensor
+    acts: ActivationSource
+    device: torch.device
     recipe: TrainConfig  # the run's recipe (its seed is the run's seed block)
     checkpoint: Path
     callback: Callable[[int, object, TrainingRecord | None], None]
@@ -148,7 +152,8 @@ def _alone(recipe: TrainConfig, seed: int) -> TrainConfig:
 
 
 def _train_bagging(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
-    trained = train_bagging(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback)
+    trained = train_bagging(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback,
+                            device=c.device)
     c.trained_bagging[job.run] = trained
     return trained
 
@@ -159,20 +164,23 @@ def _train_single(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
         histories = bagging.histories[:1] if bagging.histories else []
         trained, source = EnsembleTrainResult(Ensemble(bagging.ensemble.member(0), "single"), histories), SINGLE_FROM_BAGGING
     else:
-        trained = train_single(c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), checkpoint_dir=c.checkpoint, callback=c.callback)
+        trained = train_single(c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), checkpoint_dir=c.checkpoint, callback=c.callback,
+                               device=c.device)
         source = SINGLE_ALONE
     trained.ensemble.info = EnsembleInfo(seeds=job.seeds, source=source)
     return trained
 
 
 def _train_boosting(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
-    return train_boosting(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint, callback=c.callback)
+    return train_boosting(c.sae_cfg, c.acts, c.recipe, job.n_members, seeds=list(job.seeds), checkpoint_dir=c.checkpoint,
+                          callback=c.callback, device=c.device)
 
 
 def _train_expanded(job: TrainingJob, c: _JobContext) -> EnsembleTrainResult:
     return train_expanded(
         c.sae_cfg, c.acts, _alone(c.recipe, job.seeds[0]), job.n_members,
         compute_matched=job.method == "expanded_compute_matched", checkpoint_dir=c.checkpoint, callback=c.callback,
+        device=c.device,
     )
 
 
@@ -180,7 +188,7 @@ def _train_random_decoder(job: TrainingJob, c: _JobContext) -> EnsembleTrainResu
     """One SAE of width J·d_sae (sparsity of J members) whose seeded random unit-norm decoder
     stays frozen while the encoder trains."""
     recipe = TrainConfig(**{**c.recipe.model_dump(), "seed": job.seeds[0], "freeze_decoder": True})
-    return train_expanded(c.sae_cfg, c.acts, recipe, job.n_members, checkpoint_dir=c.checkpoint, callback=c.callback)
+    return train_expanded(c.sae_cfg, c.acts, recipe, job.n_members, checkpoint_dir=c.checkpoint, callback=c.callback, device=c.device)
 
 
 #: how each method is trained
@@ -195,20 +203,33 @@ TRAINERS: dict[str, Callable[[TrainingJob, _JobContext], EnsembleTrainResult]] =
 
 
 class _Progress:
-    """Training progress in member-steps: a tqdm bar in a terminal and the stage's callback."""
+    """Training progress in member-steps: a tqdm bar in a terminal, a log line at a steady
+    interval without one (:mod:`tasks.progress`), and the stage's callback (the Prefect
+    progress artifact)."""
 
-    def __init__(self, total: float, progress: bool, on_progress: ProgressCallback | None) -> None:
+    def __init__(self, total: float, progress: bool, on_progress: ProgressCallback | None, batch_size: int) -> None:
         self.total, self.done, self.on_progress = total or 1, 0.0, on_progress
         self.bar = None
+        self.log = ProgressLog("train", self.total, "member-steps", tokens_per_unit=batch_size, enabled=not progress)
+        self.loss: float | None = None
+        self.ev: float | None = None
+        self.model = ""
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, unit="step", desc="train", unit_scale=True)
 
-    def advance(self, amount: float) -> None:
+    def advance(self, amount: float, trained: bool = True) -> None:
         self.done += amount
         if self.bar is not None:
             self.bar.update(amount)
+        if trained:
+            self.log.advance(amount, self.model, loss=self.loss, EV=self.ev)
+        else:  # reused: counts as done without counting towards tokens/s
+            self.log.total = max(self.log.total - amount, 1e-9)
+
+    def record(self, record: TrainingRecord) -> None:
+        self.loss, self.ev = record.mean_loss(), record.mean_explained_variance()
 
     def report(self, message: str) -> None:
         if self.on_progress is not None:
@@ -217,6 +238,8 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.log.done:
+            self.log.finish()
 
 
 def run_training(
@@ -231,16 +254,21 @@ def run_training(
     run_dir = Path(run_dir)
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=("train",))
-    acts = split_tokens(acts_dir, "train", cfg.max_train_tokens, seed=0)
+    acts = activation_source(acts_dir, "train", cfg.max_train_tokens, seed=0, manifest=manifest,
+                             buffer_mb=cfg.shuffle_buffer_mb if cfg.activations == "stream" else None)
+    device = resolve_device(cfg.device)
     sae_cfg = member_config(cfg, manifest.d)
-    data_fp = f"{manifest.config_fingerprint}:{cfg.max_train_tokens}"
+    # batches drawn through windows smaller than the data differ from in-memory ones
+    data_fp = f"{manifest.config_fingerprint}:{cfg.max_train_tokens}" + (f":windows of {acts.buffer_rows} rows" if acts.streams else "")
     recipe_dump = cfg.recipe.model_dump(exclude={"seed", "checkpoint_every", "log_every"})
 
     jobs = plan_jobs(cfg)
     steps = cfg.recipe.n_steps
-    bar = _Progress(sum(job.cost * steps for job in jobs), progress, on_progress)
+    bar = _Progress(sum(job.cost * steps for job in jobs), progress, on_progress, cfg.recipe.batch_size)
     result = StageResult(stage="train", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
-    result.notes.append(f"read the train split: {acts.shape[0]} tokens, d={manifest.d}")
+    how = (f"streamed through a shuffle buffer of {acts.buffer_rows:,} rows ({cfg.shuffle_buffer_mb} MB)" if acts.streams
+           else "held in memory")
+    result.notes.append(f"read the train split: {acts.n_rows} tokens, d={manifest.d}, {how}; trained on {device}")
     trained_bagging: dict[int, EnsembleTrainResult] = {}
 
     for job in jobs:
@@ -251,7 +279,7 @@ def run_training(
         if existing is not None:
             if job.method == "bagging":
                 trained_bagging[job.run] = EnsembleTrainResult(existing, load_training_history(directory) or [])
-            bar.advance(job.cost * steps)
+            bar.advance(job.cost * steps, trained=False)
             result.notes.append(f"{name}: up to date, reused")
             bar.report(f"{name}: reused")
             continue
@@ -260,18 +288,21 @@ def run_training(
         per_call = job.cost * steps / (steps * job.optimizer_steps)
 
         def step_callback(step: int, sae, record: TrainingRecord | None, _w: float = per_call, _name: str = name) -> None:
+            if record is not None:
+                bar.record(record)
             bar.advance(_w)
             if record is not None:
                 bar.report(f"{_name}: step {step}, loss {record.mean_loss():.4g}")
 
+        bar.model = name
         context = _JobContext(
-            sae_cfg, acts, cfg.recipe.model_copy(update={"seed": seed_block(cfg, job.run)}),
+            sae_cfg, acts, device, cfg.recipe.model_copy(update={"seed": seed_block(cfg, job.run)}),
             run_dir / CHECKPOINTS_DIR / directory.parent.name / directory.name, step_callback, trained_bagging,
         )
         bar.report(f"{name}: training")
         trained = TRAINERS[job.method](job, context)
         ens = trained.ensemble
-        ens.info = ens.info.updated(fingerprint=fingerprint, run=job.run, method=job.method, train_tokens=int(acts.shape[0]))
+        ens.info = ens.info.updated(fingerprint=fingerprint, run=job.run, method=job.method, train_tokens=int(acts.n_rows))
         save_ensemble(ens, directory, histories=trained.histories or None)
         shutil.rmtree(context.checkpoint, ignore_errors=True)
         result.written.append(job.model.relative)

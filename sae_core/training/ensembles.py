@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -19,7 +21,12 @@ from sae_core.config import SAEConfig, TrainConfig
 from sae_core.registry import uses_k
 from sae_core.ensemble import Ensemble, EnsembleInfo, ExpandedMatch
 from sae_core.training.records import TrainingRecord
+from sae_core.devices import resolve_device
+from sae_core.training.sources import ActivationSource, InMemorySource, as_source
 from sae_core.training.trainer import StepCallback, train_sae
+
+#: the training data: a tensor [N, d] in memory or an activation source (streamed shards)
+Activations = Tensor | ActivationSource
 
 RESIDUAL_CHUNK = 65_536
 
@@ -43,26 +50,28 @@ def _checkpoint(directory: str | Path | None, name: str) -> Path | None:
 
 def train_single(
     cfg: SAEConfig,
-    activations: Tensor,
+    activations: Activations,
     train_cfg: TrainConfig,
     *,
     checkpoint_dir: str | Path | None = None,
     callback: StepCallback | None = None,
+    device: str | torch.device = "cpu",
 ) -> EnsembleTrainResult:
     """One SAE (J = 1) seeded by ``train_cfg.seed``."""
-    result = train_sae(cfg, activations, train_cfg, checkpoint_dir=checkpoint_dir, callback=callback)
+    result = train_sae(cfg, activations, train_cfg, checkpoint_dir=checkpoint_dir, callback=callback, device=device)
     return EnsembleTrainResult(Ensemble(result.sae, "single"), [result.history])
 
 
 def train_bagging(
     cfg: SAEConfig,
-    activations: Tensor,
+    activations: Activations,
     train_cfg: TrainConfig,
     n_members: int,
     *,
     seeds: list[int] | None = None,
     checkpoint_dir: str | Path | None = None,
     callback: StepCallback | None = None,
+    device: str | torch.device = "cpu",
 ) -> EnsembleTrainResult:
     """Naive bagging: J members differing only in seed, trained as ONE batched module.
 
@@ -72,7 +81,7 @@ def train_bagging(
     seeds = seeds if seeds is not None else default_seeds(train_cfg, n_members)
     if len(seeds) != n_members or len(set(seeds)) != n_members:
         raise ValueError(f"bagging needs {n_members} distinct seeds, got {seeds}")
-    result = train_sae(cfg, activations, train_cfg, member_seeds=seeds, checkpoint_dir=checkpoint_dir, callback=callback)
+    result = train_sae(cfg, activations, train_cfg, member_seeds=seeds, checkpoint_dir=checkpoint_dir, callback=callback, device=device)
     histories = [[record.member(j) for record in result.history] for j in range(n_members)]
     ens = Ensemble(result.sae, "bagging")
     ens.info = EnsembleInfo(seeds=tuple(seeds), bootstrap=train_cfg.bootstrap)
@@ -80,51 +89,74 @@ def train_bagging(
 
 
 @torch.no_grad()
-def _subtract_stage(residual: Tensor, stage) -> Tensor:
-    """r − g(r) for every row, in chunks (memory stays at one extra [chunk, d])."""
+def _subtract_stage(residual: Tensor, stage, device: torch.device) -> Tensor:
+    """r − g(r) for every row, in chunks on ``device`` (memory stays at one extra [chunk, d])."""
     out = torch.empty_like(residual)
     for start in range(0, residual.shape[0], RESIDUAL_CHUNK):
-        chunk = residual[start : start + RESIDUAL_CHUNK]
-        out[start : start + RESIDUAL_CHUNK] = chunk - stage(chunk)
+        chunk = residual[start : start + RESIDUAL_CHUNK].to(device)
+        out[start : start + RESIDUAL_CHUNK] = (chunk - stage(chunk)).cpu()
     return out
+
+
+class _Residual:
+    """x ↦ the residual of x after ``stages`` in turn (r ← r − g(r)): boosting's input when
+    the data is streamed, computed per batch on the device."""
+
+    def __init__(self, stages: list, device: torch.device) -> None:
+        self.stages = [copy.deepcopy(s).to(device).eval() for s in stages]
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = x - stage(x)
+        return x
 
 
 def train_boosting(
     cfg: SAEConfig,
-    activations: Tensor,
+    activations: Activations,
     train_cfg: TrainConfig,
     n_members: int,
     *,
     seeds: list[int] | None = None,
     checkpoint_dir: str | Path | None = None,
     callback: StepCallback | None = None,
+    device: str | torch.device = "cpu",
 ) -> EnsembleTrainResult:
     """Boosting: stage j trains on r_j = a − Σ_{l<j} g_l(r_l), earlier stages frozen; α = 1.
 
-    The residual of the whole training set is computed once per stage (without
+    In memory, the residual of the whole training set is computed once per stage (without
     gradients), which is the same target the paper recomputes on every batch, at O(J)
-    instead of O(J²) cost. Each stage's b_dec is initialised from its own input (the
-    residual), not from the raw activations as in the authors' code: the residual is
-    centred near 0, so the raw median would start the stage far from its data.
+    instead of O(J²) cost. Streamed data is not held, so there each batch's residual is
+    recomputed through the earlier stages on the device, as in the paper. Each stage's
+    b_dec is initialised from its own input (the residual), not from the raw activations
+    as in the authors' code: the residual is centred near 0, so the raw median would start
+    the stage far from its data.
     """
     seeds = seeds if seeds is not None else default_seeds(train_cfg, n_members)
     if len(seeds) != n_members:
         raise ValueError(f"boosting needs {n_members} seeds, got {seeds}")
-    residual = activations.float()
+    source = as_source(activations)
+    device = resolve_device(device)
+    in_memory = isinstance(source, InMemorySource)
+    residual = source.rows if isinstance(source, InMemorySource) else None
     stages, histories = [], []
     for j, seed in enumerate(seeds):
+        streamed = {} if in_memory or j == 0 else {"transform": _Residual(stages, device), "transform_id": f"residual of {j} stages"}
         result = train_sae(
             cfg,
-            residual,
+            residual if in_memory else source,
             train_cfg,
             member_seeds=[seed],
             checkpoint_dir=_checkpoint(checkpoint_dir, f"stage_{j:02d}"),
             callback=callback,
+            device=device,
+            **streamed,
         )
         stages.append(result.sae)
         histories.append(result.history)
-        if j + 1 < n_members:
-            residual = _subtract_stage(residual, result.sae)
+        if in_memory and j + 1 < n_members:
+            residual = _subtract_stage(residual, copy.deepcopy(result.sae).to(device), device)
     stacked = type(stages[0]).stack(stages)
     ens = Ensemble(stacked, "boosting")
     ens.info = EnsembleInfo(seeds=tuple(seeds))
@@ -145,13 +177,14 @@ def expanded_config(cfg: SAEConfig, n_members: int) -> SAEConfig:
 
 def train_expanded(
     cfg: SAEConfig,
-    activations: Tensor,
+    activations: Activations,
     train_cfg: TrainConfig,
     n_members: int,
     *,
     compute_matched: bool = False,
     checkpoint_dir: str | Path | None = None,
     callback: StepCallback | None = None,
+    device: str | torch.device = "cpu",
 ) -> EnsembleTrainResult:
     """The expanded baseline: one SAE of width J·d_sae with the same recipe.
 
@@ -162,7 +195,7 @@ def train_expanded(
     steps = train_cfg.n_steps * (n_members if compute_matched else 1)
     tcfg = train_cfg.model_copy(update={"n_steps": steps})
     tcfg = TrainConfig(**tcfg.model_dump())  # re-validate the changed schedule
-    result = train_sae(wide, activations, tcfg, checkpoint_dir=checkpoint_dir, callback=callback)
+    result = train_sae(wide, activations, tcfg, checkpoint_dir=checkpoint_dir, callback=callback, device=device)
     ens = Ensemble(result.sae, "expanded")
     ens.info = EnsembleInfo(expanded=ExpandedMatch(
         n_members_matched=n_members,

@@ -16,7 +16,8 @@ class TrainingRecord:
     terms: the loss terms by name (mse, l1, auxk, ...); l0: active latents per token;
     dead_fraction: latents that have not fired within the dead-latent window;
     grad_norm: before clipping (None without clipping); p, sparsity_coefficient: the
-    p-annealing state (None without p-annealing).
+    p-annealing state (None without p-annealing); explained_variance: 1 − mse / the batch's
+    variance (None in histories written before it was logged).
     """
 
     step: int
@@ -28,6 +29,7 @@ class TrainingRecord:
     grad_norm: PerMember | None = None
     p: float | None = None
     sparsity_coefficient: PerMember | None = None
+    explained_variance: PerMember | None = None
 
     @property
     def n_members(self) -> int:
@@ -39,12 +41,16 @@ class TrainingRecord:
         return TrainingRecord(
             step=self.step, lr=self.lr, loss=pick(self.loss), l0=pick(self.l0), dead_fraction=pick(self.dead_fraction),
             terms={name: pick(v) for name, v in self.terms.items()}, grad_norm=pick(self.grad_norm), p=self.p,
-            sparsity_coefficient=pick(self.sparsity_coefficient),
+            sparsity_coefficient=pick(self.sparsity_coefficient), explained_variance=pick(self.explained_variance),
         )
 
     def mean_loss(self) -> float:
         """The loss averaged over members (what progress lines show)."""
         return sum(self.loss) / len(self.loss)
+
+    def mean_explained_variance(self) -> float | None:
+        """The batch explained variance averaged over members (None when not logged)."""
+        return None if self.explained_variance is None else sum(self.explained_variance) / len(self.explained_variance)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -66,4 +72,5 @@ class TrainingRecord:
             step=int(data["step"]), lr=float(data["lr"]), loss=tup(data["loss"]), l0=tup(data["l0"]),
             dead_fraction=tup(data["dead_fraction"]), terms={k: tup(v) for k, v in data.get("terms", {}).items()},
             grad_norm=tup(data.get("grad_norm")), p=data.get("p"), sparsity_coefficient=tup(data.get("sparsity_coefficient")),
+            explained_variance=tup(data.get("explained_variance")),
         )

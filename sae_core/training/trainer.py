@@ -5,9 +5,14 @@ from that seed alone, so a J-member module trains each member exactly as a singl
 with the same seed would (the loss is a sum of per-member losses, gradient clipping is
 per member, Adam is element-wise).
 
-The batch order is a pure function of (seed, step): epoch e uses the permutation drawn
-from seed (member seed, e), so a resumed run needs no RNG state and sees the same batches
-as an uninterrupted one.
+The batches come from an activation source (:mod:`sae_core.training.sources`): a tensor in
+memory, or shards streamed through a shuffle buffer. Either way the batch of a step is a
+pure function of (seeds, step), so a resumed run needs no RNG state and sees the same
+batches as an uninterrupted one, without replaying data.
+
+The module trains on ``device`` (``auto``: CUDA when present); batches reach it through
+pinned memory, the matmuls run in bf16 autocast on the device's type when the recipe asks
+for it, and the trained module comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -30,58 +35,20 @@ from sae_core.init import initial_b_dec
 from sae_core.registry import architecture_sparsity, architectures, get_architecture
 from sae_core.training.records import TrainingRecord
 from sae_core.saes.base import SAE, LossContext
+from sae_core.devices import autocast, resolve_device, to_device
 from sae_core.training.memory import keep_freed_memory
+from sae_core.training.sources import (  # noqa: F401  (BatchSampler, seeded_generator: re-exported)
+    _INIT,
+    ActivationSource,
+    BatchSampler,
+    as_source,
+    seeded_generator,
+)
 from sae_core.training.schedules import PAnnealer, lr_multiplier, sparsity_warmup_multiplier
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
 StepCallback = Callable[[int, SAE, "TrainingRecord | None"], None]
-
-
-def seeded_generator(*words: int) -> torch.Generator:
-    """A torch generator whose seed is derived from ``words`` by numpy's SeedSequence."""
-    state = np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-_INIT, _BATCHES, _BOOTSTRAP = 1, 2, 3  # purposes, so the random streams never overlap
-
-
-class BatchSampler:
-    """Row indices of each member's batch at a given step: [J, B].
-
-    Each member walks through its own permutation of the rows, redrawn every epoch;
-    the last incomplete batch of an epoch is dropped. With ``bootstrap``, member j first
-    draws N rows with replacement (from its seed) and walks through that resample instead.
-    """
-
-    def __init__(self, seeds: list[int], n_rows: int, batch_size: int, bootstrap: bool = False) -> None:
-        if n_rows < batch_size:
-            raise ValueError(
-                f"only {n_rows} activation rows for batch_size={batch_size}: extract more tokens "
-                "or lower batch_size"
-            )
-        self.seeds = seeds
-        self.n_rows = n_rows
-        self.batch_size = batch_size
-        self.batches_per_epoch = n_rows // batch_size
-        self._epoch = -1
-        self._perms: Tensor | None = None
-        self.resample: Tensor | None = None
-        if bootstrap:
-            self.resample = torch.stack(
-                [torch.randint(n_rows, (n_rows,), generator=seeded_generator(s, _BOOTSTRAP)) for s in seeds]
-            )
-
-    def indices(self, step: int) -> Tensor:
-        epoch, i = divmod(step, self.batches_per_epoch)
-        if epoch != self._epoch or self._perms is None:
-            self._perms = torch.stack(
-                [torch.randperm(self.n_rows, generator=seeded_generator(s, _BATCHES, epoch)) for s in self.seeds]
-            )
-            self._epoch = epoch
-        rows = self._perms[:, i * self.batch_size : (i + 1) * self.batch_size]
-        return rows if self.resample is None else torch.gather(self.resample, 1, rows)
 
 
 @dataclass
@@ -105,7 +72,8 @@ def build_sae(cfg: SAEConfig, n_members: int = 1) -> SAE:
 def initialized_sae(sae_cfg: SAEConfig, activations: Tensor, train_cfg: TrainConfig, seeds: list[int]) -> SAE:
     """The module :func:`train_sae` starts from: member j seeded by ``seeds[j]``, b_dec from the data.
 
-    activations: [N, d_in] float tensor (the b_dec sample is drawn from it).
+    activations: [N, d_in] float tensor on the CPU (the b_dec sample is drawn from it:
+    the whole data, or the source's :meth:`~ActivationSource.init_sample`).
     """
     sae = build_sae(sae_cfg, n_members=len(seeds))
     b_dec = initial_b_dec(activations, train_cfg.b_dec_init, train_cfg.b_dec_init_samples)
@@ -113,15 +81,21 @@ def initialized_sae(sae_cfg: SAEConfig, activations: Tensor, train_cfg: TrainCon
     return sae
 
 
-def _check_activations(activations: Tensor, cfg: SAEConfig) -> None:
-    if not isinstance(activations, Tensor) or activations.ndim != 2:
+def _check_activations(activations: Tensor | ActivationSource, cfg: SAEConfig) -> None:
+    if isinstance(activations, ActivationSource):
+        d = activations.d  # a streamed source's rows were checked by their contract when written
+    elif not isinstance(activations, Tensor) or activations.ndim != 2:
         shape = tuple(activations.shape) if isinstance(activations, Tensor) else type(activations).__name__
         raise ValueError(f"activations must be a 2-D tensor [tokens, d_in]; got {shape}")
-    if activations.shape[1] != cfg.d_in:
+    else:
+        d = activations.shape[1]
+    if d != cfg.d_in:
         raise ValueError(
-            f"activations have d={activations.shape[1]} but the SAE config says d_in={cfg.d_in}; "
+            f"activations have d={d} but the SAE config says d_in={cfg.d_in}; "
             "use the d of the extracted layer"
         )
+    if isinstance(activations, ActivationSource):
+        return
     if not activations.is_floating_point():
         raise ValueError(f"activations must be floating point, got {activations.dtype}")
     bad = ~torch.isfinite(activations).all(dim=1)
@@ -130,20 +104,18 @@ def _check_activations(activations: Tensor, cfg: SAEConfig) -> None:
         raise ValueError(f"activations contain NaN/inf in {int(bad.sum())} rows (first: {rows}); clean the data")
 
 
-def _fingerprint(sae_cfg: SAEConfig, train_cfg: TrainConfig, seeds: list[int], activations: Tensor) -> str:
-    """What a checkpoint must match to be resumed (the recipe, seeds and data)."""
+def _fingerprint(sae_cfg: SAEConfig, train_cfg: TrainConfig, seeds: list[int], source: ActivationSource, extra: str = "") -> str:
+    """What a checkpoint must match to be resumed (the recipe, seeds, data and batch order)."""
     recipe = train_cfg.model_dump(exclude={"checkpoint_every", "log_every"})
     h = hashlib.sha256()
-    h.update(json.dumps([sae_cfg.model_dump(), recipe, seeds, list(activations.shape)], sort_keys=True).encode())
-    n = activations.shape[0]
-    probe = activations[torch.linspace(0, n - 1, min(n, 64)).long()].float().contiguous()
-    h.update(probe.numpy().tobytes())
+    h.update(json.dumps([sae_cfg.model_dump(), recipe, seeds, [source.n_rows, source.d], extra], sort_keys=True).encode())
+    h.update(source.fingerprint().encode())
     return h.hexdigest()
 
 
 def _clip_per_member(params: list[torch.nn.Parameter], max_norm: float, n_members: int) -> Tensor:
     """Scale each member's gradient to norm <= max_norm (like clip_grad_norm_ per member)."""
-    sq = torch.zeros(n_members, dtype=torch.float32)
+    sq = torch.zeros(n_members, dtype=torch.float32, device=params[0].device)
     for p in params:
         if p.grad is not None:
             sq += p.grad.float().pow(2).reshape(n_members, -1).sum(1)
@@ -153,6 +125,15 @@ def _clip_per_member(params: list[torch.nn.Parameter], max_norm: float, n_member
         if p.grad is not None:
             p.grad.mul_(scale.view(-1, *([1] * (p.grad.ndim - 1))).to(p.grad.dtype))
     return norms
+
+
+def _batch_ev(x: Tensor, mse: Tensor | None) -> tuple[float, ...] | None:
+    """Per member: 1 − mse / the batch's total variance (mean over tokens of Σ_d (x − x̄)²)."""
+    if mse is None:
+        return None
+    x = x.float()
+    variance = (x - x.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1)
+    return _per_member(1.0 - mse.float() / variance.clamp_min(1e-12))
 
 
 class _Checkpoint:
@@ -171,17 +152,17 @@ class _Checkpoint:
         annealer: PAnnealer | None,
         history: list[TrainingRecord],
     ) -> None:
-        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in sae.state_dict().items()}
+        tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in sae.state_dict().items()}
         names = {id(p): n for n, p in sae.named_parameters()}
         for p, state in optimizer.state.items():
             for key, value in state.items():
-                tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().clone().contiguous()
-        tensors["tokens_since_fired"] = tokens_since_fired.clone()
+                tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().clone().contiguous()
+        tensors["tokens_since_fired"] = tokens_since_fired.cpu().clone()
         meta: dict = {"step": step, "fingerprint": fingerprint, "history": [r.to_json() for r in history]}
         if annealer is not None:
             scalars, anneal_tensors = annealer.state()
             meta["p_anneal"] = scalars
-            tensors.update(anneal_tensors)
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in anneal_tensors.items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
@@ -216,25 +197,37 @@ def _restore(sae: SAE, optimizer: torch.optim.Optimizer, tensors: dict[str, Tens
 
 def train_sae(
     sae_cfg: SAEConfig,
-    activations: Tensor,
+    activations: Tensor | ActivationSource,
     train_cfg: TrainConfig,
     *,
     member_seeds: list[int] | None = None,
     checkpoint_dir: str | Path | None = None,
     callback: StepCallback | None = None,
+    device: str | torch.device = "cpu",
+    transform: Callable[[Tensor], Tensor] | None = None,
+    transform_id: str = "",
 ) -> TrainResult:
     """Train ``len(member_seeds)`` members of ``sae_cfg`` side by side on ``activations``.
 
-    activations: [N, d_in] float tensor (held in memory).
+    activations: [N, d_in] float tensor (held in memory) or an :class:`ActivationSource`
+        (e.g. shards streamed through a shuffle buffer).
     member_seeds: one seed per member; default ``[train_cfg.seed]`` (a single SAE).
     checkpoint_dir: with ``train_cfg.checkpoint_every``, a resumable checkpoint is kept
         there; a later call with the same recipe, seeds and data resumes from it (a
         finished run returns at once).
     callback: called as ``callback(step, sae, record)`` after every step (1-based step);
         record is the step's TrainingRecord on logged steps (every log_every), None otherwise.
+    device: where the module trains (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` or a
+        torch.device); the returned module is on the CPU.
+    transform: applied to every batch [J·B, d] on the device before the step, and to
+        b_dec's initialisation sample (boosting's residual of the earlier stages when the
+        data is streamed); ``transform_id`` names it in the checkpoint fingerprint.
     """
     _check_activations(activations, sae_cfg)
-    keep_freed_memory()  # the step's large tensors reuse pages instead of mmap + zero-fill each step
+    source = as_source(activations)
+    device = resolve_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # the step's large tensors reuse pages instead of mmap + zero-fill each step
     if train_cfg.p_annealing is not None and architecture_sparsity(sae_cfg.architecture) != "l1":
         l1_type = [a for a in architectures() if architecture_sparsity(a) == "l1"]
         raise ValueError(
@@ -245,10 +238,25 @@ def train_sae(
     if not seeds:
         raise ValueError("member_seeds is empty: give one seed per member")
     J = len(seeds)
-    activations = activations.float()
-    sampler = BatchSampler(seeds, activations.shape[0], train_cfg.batch_size, train_cfg.bootstrap)
+    B = train_cfg.batch_size
+    stream = source.stream(seeds, B, bootstrap=train_cfg.bootstrap)
+    try:
+        return _train(sae_cfg, source, stream, train_cfg, seeds, checkpoint_dir, callback, device, transform, transform_id)
+    finally:
+        stream.close()
 
-    sae = initialized_sae(sae_cfg, activations, train_cfg, seeds)
+
+def _apply(transform: Callable[[Tensor], Tensor] | None, x: Tensor, device: torch.device) -> Tensor:
+    if transform is None:
+        return x
+    with torch.no_grad():
+        return transform(x.to(device)).cpu()
+
+
+def _train(sae_cfg, source, stream, train_cfg: TrainConfig, seeds, checkpoint_dir, callback, device, transform, transform_id) -> TrainResult:
+    J, B = len(seeds), train_cfg.batch_size
+    sae = initialized_sae(sae_cfg, _apply(transform, source.init_sample(train_cfg.b_dec_init_samples), device), train_cfg, seeds)
+    sae.to(device)
     # A frozen decoder gets no gradient: every step (fused and sparse kernels included) skips
     # its gradient, Adam skips it (no state), clipping ignores it, nothing renormalises it.
     sae.W_dec.requires_grad_(not train_cfg.freeze_decoder)
@@ -256,14 +264,14 @@ def train_sae(
     optimizer = torch.optim.Adam(
         params, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.adam_eps
     )
-    tokens_since_fired = torch.zeros(J, sae_cfg.d_sae, dtype=torch.int64)
+    tokens_since_fired = torch.zeros(J, sae_cfg.d_sae, dtype=torch.int64, device=device)
     annealer = (
         PAnnealer(train_cfg.p_annealing, train_cfg.n_steps, train_cfg.sparsity_coefficient, J)
         if train_cfg.p_annealing is not None
         else None
     )
     history: list[TrainingRecord] = []
-    fingerprint = _fingerprint(sae_cfg, train_cfg, seeds, activations)
+    fingerprint = _fingerprint(sae_cfg, train_cfg, seeds, source, transform_id)
     checkpoint = _Checkpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
 
     start_step, resumed_from = 0, None
@@ -275,26 +283,28 @@ def train_sae(
                 "delete it or choose another checkpoint directory"
             )
         _restore(sae, optimizer, tensors)
-        tokens_since_fired = tensors["tokens_since_fired"].clone()
+        tokens_since_fired = tensors["tokens_since_fired"].to(device)
         if annealer is not None:
             annealer.load_state(meta["p_anneal"], tensors)
         history = [TrainingRecord.from_json(r) for r in meta["history"]]
         start_step = resumed_from = int(meta["step"])
 
     dead_threshold = train_cfg.dead_window_tokens
-    B = train_cfg.batch_size
     for step in range(start_step, train_cfg.n_steps):
-        x = activations[sampler.indices(step).reshape(-1)].view(J, B, sae_cfg.d_in)
+        x = to_device(stream.batch(step), device)
+        if transform is not None:
+            with torch.no_grad():
+                x = transform(x.view(J * B, sae_cfg.d_in)).view(J, B, sae_cfg.d_in)
         base = annealer.coefficient.float() if annealer is not None else torch.full((J,), train_cfg.sparsity_coefficient)
         ctx = LossContext(
             train_cfg=train_cfg,
-            sparsity_coefficient=base * sparsity_warmup_multiplier(step, train_cfg),
+            sparsity_coefficient=(base * sparsity_warmup_multiplier(step, train_cfg)).to(device),
             p=annealer.p if annealer is not None else 1.0,
             p_next=annealer.p_next if annealer is not None else None,
             dead_mask=tokens_since_fired >= dead_threshold,
             log_statistics=(step + 1) % train_cfg.log_every == 0 or step + 1 == train_cfg.n_steps,
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.autocast_bf16):
+        with autocast(device, enabled=train_cfg.autocast_bf16):
             out = sae.training_loss(x, ctx)
         out.loss.backward()
         if train_cfg.normalize_decoder:
@@ -325,6 +335,7 @@ def train_sae(
                 grad_norm=_per_member(grad_norms) if grad_norms is not None else None,
                 p=annealer.p if annealer is not None else None,
                 sparsity_coefficient=_per_member(annealer.coefficient) if annealer is not None else None,
+                explained_variance=_batch_ev(x, out.terms.get("mse")),
             )
             history.append(record)
         if checkpoint is not None and train_cfg.checkpoint_every and (
@@ -336,4 +347,4 @@ def train_sae(
 
     sae.W_dec.requires_grad_(True)
     sae.eval()
-    return TrainResult(sae=sae, history=history, resumed_from_step=resumed_from)
+    return TrainResult(sae=sae.cpu(), history=history, resumed_from_step=resumed_from)
