@@ -22,7 +22,9 @@ from tests.tiny_models import PAPER_FAMILIES, TEXTS, build_tiny_model
 D = 32
 
 
-@pytest.fixture(scope="module", params=PAPER_FAMILIES)
+# Pythia's family always runs (tests/test_paper_settings.py also takes it end to end); the
+# other two are slow-marked to keep `make test` within CI's budget (`make test SLOW=1`)
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow) if f != "gpt_neox" else f for f in PAPER_FAMILIES])
 def family(request, tmp_path_factory):
     return request.param, build_tiny_model(tmp_path_factory.mktemp(request.param), request.param, d=D)
 
