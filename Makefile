@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run ui-check test bench bench-pipeline bench-peers clean
+.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ bench: $(STAMP)
 # bench` so that each target stays under 10 minutes)
 bench-pipeline: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py --json runs/bench/pipeline.json
+
+# Streamed vs in-memory training throughput, peak RSS of train and evaluate at 1M and 8M
+# tokens of d = 384 (writes 1.5 + 12 GB of scratch shards to a temp dir, removed after;
+# ~15 min), and the paper settings' projection (benchmarks/bench_scale.py)
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py --json runs/bench/scale.json
 
 # SAELens and dictionary_learning in their own environment, timed against ours on the same
 # real activations in one process, then each library's held-out FVU after the same steps on
