@@ -54,6 +54,7 @@ from tasks.common import (
     has_ensemble,
 )
 from tasks.config import DownstreamConfig
+from tasks.progress import ProgressLog
 from tasks.downstream_evaluation import PROBING_COLUMNS, SCR_COLUMNS, evaluate_codes, evaluate_model, make_tasks
 from tasks.downstream_tokens import document_tokens, tokens_fingerprint
 from tasks.figures import PROBING_FIGURE_NAME, SCR_FIGURE_NAME, plot_downstream
@@ -214,10 +215,14 @@ def run_downstream(cfg: DownstreamConfig, run_dir: Path, *, progress: bool = Tru
         from tqdm.auto import tqdm
 
         iterator = tqdm(models, desc="downstream models", unit="model")
+    log = ProgressLog("downstream", len(models), "models", enabled=not progress)
     for model in iterator:
         p, s = evaluate_model(model, run_dir, tokens, probing_tasks, scr_tasks, cfg)
         prows += p
         srows += s
+        log.advance(1, model.relative)
+    if models:
+        log.finish()
 
     probing = pd.DataFrame(prows, columns=PROBING_COLUMNS)
     scr = pd.DataFrame(srows, columns=SCR_COLUMNS)

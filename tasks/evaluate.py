@@ -28,6 +28,7 @@ from sae_core import metrics
 from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metrics
 from sae_core.io import load_ensemble
 from sae_core.models import NotACausalLM
+from sae_core.devices import resolve_device
 from sae_core.training.sources import ActivationSource
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, FIGURES_DIR, METRICS_DIR, ModelDir, StageResult, activation_source, discover_models
 from tasks.progress import ProgressLog
@@ -106,7 +107,7 @@ def _ce_windows(cfg: EvaluateConfig, run_dir: Path, manifest, loaded) -> tuple[t
     return input_ids, attention, splice
 
 
-def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models: list[ModelDir]) -> tuple[list[dict], str]:
+def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models: list[ModelDir], device: torch.device) -> tuple[list[dict], str]:
     """ce_loss_recovered, kl_divergence and the raw CEs per (method, J, run), decoder models only."""
     from sae_core.models import load_model
     from sae_core.splice import ce_loss_recovered, spliced_losses, zero_replacement
@@ -129,7 +130,7 @@ def _ce_rows(cfg: EvaluateConfig, run_dir: Path, manifest, models: list[ModelDir
             name = f"{model.name}|{model.run}|{n}"
             replacements[name] = ens.prefix(n).eval()
             keys[name] = (model.method, J, model.run)
-    losses = spliced_losses(loaded.model, loaded.block, input_ids, attention, splice, {"clean": None, **replacements})
+    losses = spliced_losses(loaded.model, loaded.block, input_ids, attention, splice, {"clean": None, **replacements}, device=device)
     clean, zero = losses["clean"].ce, losses["zero"].ce
     rows = []
     for name, (method, J, run) in keys.items():
@@ -146,10 +147,10 @@ def summarise(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
 
 
 def _model_rows(model: ModelDir, run_dir: Path, acts: ActivationSource, d: int, cfg: EvaluateConfig,
-                dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]]) -> list[dict]:
-    """Every prefix's reconstruction and dictionary metrics; records each prefix's dictionary."""
+                dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], device: torch.device) -> list[dict]:
+    """Every prefix's reconstruction and dictionary metrics, on ``device``; records each prefix's dictionary."""
     directory = model.path(run_dir)
-    ens = load_ensemble(directory)
+    ens = load_ensemble(directory).to(device)
     if ens.d_in != d:
         raise ValueError(
             f"{directory} was trained on d={ens.d_in} activations but {run_dir / ACTIVATIONS_DIR} has d={d}; retrain (train stage)"
@@ -174,8 +175,9 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
     # streamed shard by shard for every model: memory independent of the number of tokens
     acts = activation_source(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED, manifest=manifest)
     models = discover_models(run_dir)
+    device = resolve_device(cfg.device)
     result = StageResult(stage="evaluate", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
-    result.notes.append(f"evaluated on the {cfg.split} split: T = {acts.n_rows} tokens, streamed from its shards")
+    result.notes.append(f"evaluated on the {cfg.split} split: T = {acts.n_rows} tokens, streamed from its shards, on {device}")
 
     rows: list[dict] = []
     dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]] = defaultdict(dict)
@@ -186,7 +188,7 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
         iterator = tqdm(models, desc="evaluate", unit="model")
     log = ProgressLog("evaluate", len(models), "models", tokens_per_unit=acts.n_rows, enabled=not progress)
     for model in iterator:
-        rows += _model_rows(model, run_dir, acts, manifest.d, cfg, dictionaries)
+        rows += _model_rows(model, run_dir, acts, manifest.d, cfg, dictionaries, device)
         result.read.append(model.relative)
         log.advance(1, model.relative)
     log.finish()
@@ -194,7 +196,7 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
     rows += stab_rows
     result.notes += notes
     if cfg.ce_loss:
-        ce_rows, note = _ce_rows(cfg, run_dir, manifest, models)
+        ce_rows, note = _ce_rows(cfg, run_dir, manifest, models, device)
         rows += ce_rows
         result.notes.append(note)
 

@@ -43,6 +43,7 @@ from sae_core.models import LoadedModel, resolve_source, load_model, weights_fin
 from sae_core.training.memory import keep_freed_memory
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE
 from tasks.config import ExtractConfig
+from tasks.progress import ProgressLog
 from tasks.sources import corpus_fingerprint, load_corpus
 
 
@@ -153,6 +154,20 @@ def _extract_shard(loaded: LoadedModel, ids: list[list[int]], cfg: ExtractConfig
     return extract_in_order(loaded, shard_windows(loaded, ids, cfg), cfg.batch_size, cfg.include_special_tokens, on_batch)
 
 
+class _LogBar:
+    """tqdm's ``update``/``close`` over a :class:`~tasks.progress.ProgressLog`."""
+
+    def __init__(self, log: ProgressLog) -> None:
+        self.log = log
+
+    def update(self, n: int) -> None:
+        self.log.advance(n)
+
+    def close(self) -> None:
+        if self.log.done:
+            self.log.finish()
+
+
 def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = True) -> ExtractionReport:
     """Extract (or resume, or confirm) the activations of ``cfg`` into ``run_dir``."""
     start = time.perf_counter()
@@ -201,6 +216,9 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"extract {cfg.model} layer {cfg.layer}")
+    else:  # no terminal: a progress line every SAE_ENSEMBLES_PROGRESS_SECONDS through the run logger
+        log = ProgressLog("extract", todo_tokens, "tokens", tokens_per_unit=1)
+        bar = _LogBar(log)
     # Each finished shard is validated and written by one background thread while the
     # model runs the next shard's batches; at most one write is pending, so memory holds
     # two shards at most. A failed write surfaces at the next wait and stops the stage;
