@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_contracts.core import ContractViolation, Failure, file_sha256, run_suite, write_parquet_atomic
@@ -77,21 +79,77 @@ class ActivationManifest(BaseModel):
     trust_remote_code: bool = Field(
         default=False, description="The extraction opted in to the model's own code; later stages load it the same way."
     )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="How the activation values are stored: float32, or bfloat16 (half the disk; each value within a "
+        "relative 2^-8 (0.4%) of the float32 one: round to nearest even at 8 significant bits) as its 16 bits in a uint16 column, since Arrow and "
+        "Parquet have no bfloat16 type. Readers always get float32.",
+    )
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
 
 
-def activation_schema(d: int) -> pa.Schema:
+def activation_type(d: int, dtype: str = "float32") -> pa.DataType:
+    """The ``activation`` column's type: d float32 values, or (bfloat16) one 2·d-byte value per
+    row holding the d little-endian bfloat16 bit patterns (Parquet stores it as a
+    FIXED_LEN_BYTE_ARRAY, 2 bytes a value; it has no bfloat16 or 16-bit integer type)."""
+    if dtype == "bfloat16":
+        return pa.binary(2 * d)
+    if dtype == "float32":
+        return pa.list_(pa.float32(), d)
+    raise ValueError(f"unknown activation dtype {dtype!r}; use float32 or bfloat16")
+
+
+def activation_schema(d: int, dtype: str = "float32") -> pa.Schema:
     return pa.schema(
         [
             ("doc_id", pa.string()),
             ("split", pa.string()),
             ("position", pa.int32()),
             ("token_id", pa.int32()),
-            ("activation", pa.list_(pa.float32(), d)),
+            ("activation", activation_type(d, dtype)),
         ]
     )
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as the uint16 bits of their bfloat16 rounding (round to nearest even)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits back to float32 (exact: every bfloat16 is a float32)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _encode(activation: np.ndarray, dtype: str) -> pa.Array:
+    n, d = activation.shape
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(to_bfloat16_bits(activation).astype("<u2", copy=False))
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * d), n, [None, pa.py_buffer(bits.tobytes())])
+    flat = pa.array(np.ascontiguousarray(activation, dtype=np.float32).reshape(-1), type=pa.float32())
+    return pa.FixedSizeListArray.from_arrays(flat, d)
+
+
+def activation_values(column) -> np.ndarray:
+    """The [n, d] float32 matrix of an ``activation`` column of either dtype (one chunk: a
+    view of a float32 column's values, not a copy)."""
+    col = column
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    if pa.types.is_fixed_size_binary(col.type):
+        width = col.type.byte_width
+        if not len(col):
+            return np.zeros((0, width // 2), np.float32)
+        bits = np.frombuffer(col.buffers()[1], dtype="<u2", count=len(col) * width // 2, offset=col.offset * width)
+        return from_bfloat16_bits(bits.reshape(len(col), width // 2))
+    d = col.type.list_size
+    if not len(col):
+        return np.zeros((0, d), np.float32)
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
 
 
 # How shards are written. Real residual-stream floats do not compress: snappy saves almost
@@ -104,6 +162,8 @@ SHARD_PARQUET_OPTIONS = {
     "use_dictionary": ["doc_id", "split"],
     "write_statistics": ["doc_id", "split", "position", "token_id"],
 }
+SHARD_PARQUET_OPTIONS_BF16 = {**SHARD_PARQUET_OPTIONS, "compression": {**SHARD_PARQUET_OPTIONS["compression"], "activation": "none"}}
+del SHARD_PARQUET_OPTIONS_BF16["compression"][_ACTIVATION_VALUES]
 
 
 # Activation bytes per Parquet row group. The writer builds a row group's list levels and
@@ -127,23 +187,24 @@ def write_shard(
     activation: np.ndarray,
     config_fingerprint: str,
     validate: tuple[int, float] | None = None,
+    dtype: str = "float32",
 ) -> ShardInfo:
     """Write one shard atomically; returns its manifest entry.
 
     With ``validate=(vocab_size, max_norm)`` the rows are checked against the shard
-    suite first and a violation raises before anything is written.
+    suite first and a violation raises before anything is written. ``dtype``: how the
+    values are stored (:attr:`ActivationManifest.dtype`); the suite checks the stored values.
     """
     n, d = activation.shape
-    flat = pa.array(np.ascontiguousarray(activation, dtype=np.float32).reshape(-1), type=pa.float32())
     table = pa.Table.from_arrays(
         [
             pa.array(doc_ids, type=pa.string()),
             pa.array([split] * n, type=pa.string()),
             pa.array(position, type=pa.int32()),
             pa.array(token_id, type=pa.int32()),
-            pa.FixedSizeListArray.from_arrays(flat, d),
+            _encode(activation, dtype),
         ],
-        schema=activation_schema(d),
+        schema=activation_schema(d, dtype),
     )
     rel = shard_path(split, index)
     info = ShardInfo(file=rel, split=split, rows=n, documents=len(set(doc_ids.tolist())), sha256="")
@@ -154,7 +215,8 @@ def write_shard(
             raise ContractViolation(directory / rel, failures)
     digest = write_parquet_atomic(
         table, directory / rel, ARTIFACT, {"sae_ensembles.config_fingerprint": config_fingerprint},
-        row_group_size=max(1024, ROW_GROUP_BYTES // (4 * d)), **SHARD_PARQUET_OPTIONS,
+        row_group_size=max(1024, ROW_GROUP_BYTES // ((2 if dtype == "bfloat16" else 4) * d)),
+        **(SHARD_PARQUET_OPTIONS_BF16 if dtype == "bfloat16" else SHARD_PARQUET_OPTIONS),
     )
     return info.model_copy(update={"sha256": digest})
 
@@ -188,12 +250,12 @@ def read_manifest(directory: Path) -> ActivationManifest:
         raise ContractViolation(path, [Failure("manifest is valid", str(err).splitlines()[0])]) from err
 
 
-def _shard_table(path: Path, d: int) -> tuple[pa.Table | None, list[Failure]]:
+def _shard_table(path: Path, d: int, dtype: str = "float32") -> tuple[pa.Table | None, list[Failure]]:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowInvalid) as err:
         return None, [Failure("readable Parquet", f"{path.name} cannot be read ({err}); the file is truncated or corrupt")]
-    expected = activation_schema(d)
+    expected = activation_schema(d, dtype)
     got = table.schema.remove_metadata()
     if not got.equals(expected):
         problems = []
@@ -202,10 +264,11 @@ def _shard_table(path: Path, d: int) -> tuple[pa.Table | None, list[Failure]]:
                 problems.append(f"missing column {f.name}")
             elif got.field(f.name).type != f.type:
                 t = got.field(f.name).type
-                if f.name == "activation" and pa.types.is_fixed_size_list(t):
-                    problems.append(
-                        f"column activation has width {t.list_size} ({t.value_type}), expected width {d} (the manifest's d) of float"
-                    )
+                if f.name == "activation" and (pa.types.is_fixed_size_list(t) or pa.types.is_fixed_size_binary(t)):
+                    found = (f"has width {t.list_size} ({t.value_type})" if pa.types.is_fixed_size_list(t)
+                             else f"holds {t.byte_width} bytes a row (bfloat16 bits of width {t.byte_width // 2})")
+                    wanted = "float" if dtype == "float32" else f"bfloat16 bits, {2 * d} bytes a row; the manifest's dtype {dtype}"
+                    problems.append(f"column activation {found}, expected width {d} (the manifest's d) of {wanted}")
                 else:
                     problems.append(f"column {f.name} is {t}, expected {f.type}")
         return None, [Failure("schema", "; ".join(problems) or f"schema {got} != {expected}")]
@@ -215,10 +278,8 @@ def _shard_table(path: Path, d: int) -> tuple[pa.Table | None, list[Failure]]:
 def row_summary(table: pa.Table) -> tuple[pd.DataFrame, np.ndarray]:
     """Per-row summary for the expectation suite (ids, norm, finiteness) and the [n, d] matrix."""
     col = table.column("activation")
-    d = col.type.list_size
-    # one chunk (a shard about to be written): a view of its values, not a 180 MB copy
-    col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-    values = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d) if len(col) else np.zeros((0, d), np.float32)
+    # one chunk (a shard about to be written): a view of its float32 values, not a 180 MB copy
+    values = activation_values(col)
     # one pass for the common case: a row's squared norm is finite iff all its values are
     # (or it overflows, > 1.8e19, far past any max_norm); only such rows are looked at again
     norm = np.sqrt(np.einsum("ij,ij->i", values, values))
@@ -273,9 +334,9 @@ def validate_table(table: pa.Table, info: ShardInfo, vocab_size: int, max_norm: 
     return values, failures
 
 
-def check_shard_file(path: Path, info: ShardInfo, d: int, vocab_size: int, max_norm: float) -> list[Failure]:
+def check_shard_file(path: Path, info: ShardInfo, d: int, vocab_size: int, max_norm: float, dtype: str = "float32") -> list[Failure]:
     """The shard suite on one file without a manifest (schema, then rows): [] when it passes."""
-    table, read_failures = _shard_table(Path(path), d)
+    table, read_failures = _shard_table(Path(path), d, dtype)
     if table is None:
         return read_failures
     return validate_table(table, info, vocab_size, max_norm)[1]
@@ -292,7 +353,7 @@ def validate_shard(directory: Path, info: ShardInfo, manifest: ActivationManifes
         digest = file_sha256(path)
         if digest != info.sha256:
             failures.append(Failure("checksum matches manifest", f"{where}sha256 {digest[:12]}… != manifest {info.sha256[:12]}…"))
-    table, read_failures = _shard_table(path, manifest.d)
+    table, read_failures = _shard_table(path, manifest.d, manifest.dtype)
     if table is None:
         return None, failures + [Failure(f.expectation, where + f.detail) for f in read_failures]
     if failures:
@@ -378,8 +439,7 @@ def chunk_reader(directory: str | Path, d: int):
         for chunk in chunks:
             file, group = chunk.key
             column = pq.ParquetFile(directory / file).read_row_group(group, columns=["activation"]).column("activation")
-            column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-            values = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+            values = activation_values(column)
             if chunk.keep is not None:
                 values = values[np.asarray(chunk.keep, dtype=np.int64)]
             out[at : at + values.shape[0]] = values

@@ -87,13 +87,13 @@ def document_blocks(n_documents: int, documents_per_shard: int) -> list[slice]:
 
 def write_batch_shard(
     directory: Path, split: str, index: int, doc_ids: np.ndarray, batch: ActivationBatch, fingerprint: str,
-    validate: tuple[int, float] | None,
+    validate: tuple[int, float] | None, dtype: str = "float32",
 ) -> ShardInfo:
     """Write the rows of ``batch`` as shard ``index`` of ``split`` (checked first when
-    ``validate=(vocab_size, max_norm)``); ``batch.doc_index`` indexes ``doc_ids``."""
+    ``validate=(vocab_size, max_norm)``), values stored as ``dtype``; ``batch.doc_index`` indexes ``doc_ids``."""
     return write_shard(
         directory, split, index, doc_ids[batch.doc_index], batch.position, batch.token_id, batch.activation, fingerprint,
-        validate=validate,
+        validate=validate, dtype=dtype,
     )
 
 
@@ -236,7 +236,7 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
                         info = _existing_shard_info(out, rel, split)
                         # a finished shard is reused only if it still passes its contract;
                         # a damaged one (NaN rows, wrong width, ...) is extracted again
-                        damaged = check_shard_file(out / rel, info, loaded.d_model, loaded.vocab_size, cfg.max_norm)
+                        damaged = check_shard_file(out / rel, info, loaded.d_model, loaded.vocab_size, cfg.max_norm, cfg.activation_dtype)
                         if not damaged:
                             slots.append(info)
                             reused.append(rel)
@@ -248,7 +248,8 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
                     if pending is not None:
                         pending.result()  # re-raises a failed write before more work is queued
                     pending = writer.submit(
-                        write_batch_shard, out, split, index, doc_ids, batch, fingerprint, (loaded.vocab_size, cfg.max_norm)
+                        write_batch_shard, out, split, index, doc_ids, batch, fingerprint, (loaded.vocab_size, cfg.max_norm),
+                        cfg.activation_dtype,
                     )
                     slots.append(pending)
                     written.append(rel)
@@ -278,6 +279,7 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
         shards=shards,
         max_norm=cfg.max_norm,
         trust_remote_code=cfg.trust_remote_code,
+        dtype=cfg.activation_dtype,
     )
     # every shard passed its contract: written ones before they were written, reused ones
     # when they were found. The documents go out with the manifest, not before the shards,

@@ -208,3 +208,42 @@ def test_the_train_stage_streams_and_says_so(acts_dir, tmp_path, caplog, monkeyp
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
     assert lines and all("member-steps" in line and "tokens/s" in line for line in lines)
     assert any("loss" in line and "EV" in line and "ETA" in line for line in lines) and "took" in lines[-1]
+
+
+def test_bfloat16_shards_halve_the_disk_within_the_stated_error(tmp_path):
+    """extract.activation_dtype = bfloat16: the manifest and the contract record it, the shards
+    take about half the bytes, and every value read back is within a relative 2^-8 (8 significant bits) of the
+    float32 extraction's (round to nearest); a float32 shard under a bfloat16 manifest fails its contract."""
+    from data_contracts import ContractViolation
+    from data_contracts.activations import load_split, read_manifest, validate_activations
+    from tasks.config import CorpusSource, ExtractConfig
+    from tasks.extract import run_extraction
+    from tests.tiny_models import TEXTS, build_tiny_model
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(f"{t} {TEXTS[(i + 2) % 5]}" for i, t in enumerate(TEXTS * 3)) + "\n")
+    model = build_tiny_model(tmp_path / "model", "bert")
+    base = ExtractConfig(model=str(model), layer=1, context_length=16, batch_size=8, corpus=[CorpusSource(name=str(corpus))],
+                         device="cpu")
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        runs[dtype] = tmp_path / dtype
+        run_extraction(base.model_copy(update={"activation_dtype": dtype}), runs[dtype], progress=False)
+    acts = {k: v / "activations" for k, v in runs.items()}
+    assert read_manifest(acts["bfloat16"]).dtype == "bfloat16" and read_manifest(acts["float32"]).dtype == "float32"
+    validate_activations(acts["bfloat16"])
+    exact, rounded = (load_split(acts[k], "train") for k in ("float32", "bfloat16"))
+    assert rounded.dtype == np.float32 and rounded.shape == exact.shape
+    assert np.all(np.abs(rounded - exact) <= 2.0**-8 * np.abs(exact))
+    assert not np.array_equal(rounded, exact)
+    size = {k: sum(p.stat().st_size for p in acts[k].rglob("*.parquet")) for k in acts}
+    assert size["bfloat16"] < 0.6 * size["float32"]
+    # the streamed reader decodes the same values
+    assert torch.equal(torch.cat(list(activation_source(acts["bfloat16"], "train", None, 0).iter_batches(64))), torch.from_numpy(rounded))
+    # a float32 shard in a bfloat16 directory is a contract violation naming the dtype
+    manifest = read_manifest(acts["float32"])
+    from data_contracts.activations import write_manifest
+
+    write_manifest(acts["float32"], manifest.model_copy(update={"dtype": "bfloat16"}))
+    with pytest.raises(ContractViolation, match="expected width 32 .* of bfloat16 bits, 64 bytes a row; the manifest.s dtype bfloat16"):
+        validate_activations(acts["float32"])
