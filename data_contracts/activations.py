@@ -56,6 +56,16 @@ class ShardInfo(BaseModel):
         return value
 
 
+class LiveBlock(BaseModel):
+    """A block of documents of a split that is not stored: its activations are computed by
+    the model when a stage reads them (``extract.store_train: false``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    doc_ids: list[str] = Field(description="The block's documents, in row order (doc_id order, as a shard's).")
+    rows: int = Field(ge=0, description="Tokens the block yields (the kept tokens of its windows).")
+
+
 class ActivationManifest(BaseModel):
     """What the activation directory holds and how it was made."""
 
@@ -85,6 +95,16 @@ class ActivationManifest(BaseModel):
         "relative 2^-8 (0.4%) of the float32 one: round to nearest even at 8 significant bits) as its 16 bits in a uint16 column, since Arrow and "
         "Parquet have no bfloat16 type. Readers always get float32.",
     )
+
+    live_splits: dict[str, list[LiveBlock]] = Field(
+        default_factory=dict,
+        description="Splits that are not stored but computed from the model when read, as blocks of documents "
+        "(SAELens' default of training from the forward pass, for budgets where disk is the limit).",
+    )
+    live_batch_size: int | None = Field(default=None, gt=0, description="Windows per forward pass of a live split.")
+
+    def is_live(self, split: str) -> bool:
+        return split in self.live_splits
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
@@ -379,6 +399,7 @@ def validate_activations(directory: str | Path, *, splits: tuple[str, ...] = SPL
                     if doc in seen_docs:
                         failures.append(Failure("documents in one shard", f"doc {doc!r} is in {seen_docs[doc]} and {info.file}"))
                     seen_docs[doc] = info.file
+        rows += sum(block.rows for block in manifest.live_splits.get(split, []))
         expected = manifest.tokens_per_split.get(split, 0)
         if rows != expected:
             failures.append(Failure("token counts match manifest", f"split {split}: shards list {rows} rows, manifest says {expected}"))
@@ -391,6 +412,10 @@ def load_split(directory: str | Path, split: str, *, validate: bool = True) -> n
     """All activations of one split as one float32 matrix [N, d] (validated on read)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if manifest.is_live(split):
+        raise ContractViolation(directory, [Failure("split is stored", f"split {split!r} is not stored (extract.store_train: false): "
+                                                    "its activations are computed by the model as they are read; stream it "
+                                                    "(tasks.common.activation_source)")])
     parts, failures = [], []
     for info in manifest.shards_of(split):
         if validate:

@@ -115,19 +115,25 @@ def has_ensemble(run_dir: str | Path, model: ModelDir) -> bool:
 
 
 def activation_source(directory: Path, split: str, max_tokens: int | None, seed: int, *, buffer_mb: float | None = None,
-                      manifest=None) -> ChunkedSource:
+                      manifest=None, device="cpu") -> ChunkedSource:
     """One split's activations as a source read shard by shard (the caller validated the
     directory): a seeded subset of ``max_tokens`` rows if the split is larger
     (:func:`~sae_core.training.sources.subset_per_chunk`). ``buffer_mb``: the shuffle buffer
-    of streamed training; None holds the whole split (read once, in memory)."""
+    of streamed training; None holds the whole split (read once, in memory). A split that
+    is not stored (``extract.store_train: false``) is read by running the model on ``device``
+    (:mod:`tasks.live_activations`)."""
     from data_contracts.activations import chunk_reader, read_manifest, split_chunks
 
     manifest = manifest or read_manifest(directory)
+    rows = sys.maxsize if buffer_mb is None else max(1, int(buffer_mb * 2**20) // (4 * manifest.d))
+    if manifest.is_live(split):
+        from tasks.live_activations import live_source
+
+        return live_source(Path(directory).parent, manifest, split, max_tokens, seed, buffer_rows=rows, device=device)
     chunks = subset_per_chunk(split_chunks(directory, split, manifest), max_tokens, seed)
     identity = hashlib.sha256(
         json.dumps([[s.file, s.sha256] for s in manifest.shards_of(split)] + [max_tokens, seed]).encode()
     ).hexdigest()
-    rows = sys.maxsize if buffer_mb is None else max(1, int(buffer_mb * 2**20) // (4 * manifest.d))
     return ChunkedSource(chunks, chunk_reader(directory, manifest.d), manifest.d, identity, rows)
 
 

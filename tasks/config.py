@@ -66,6 +66,12 @@ class ExtractConfig(_Strict):
     documents_per_shard: int = Field(default=256, gt=0, description="Documents per Parquet shard.")
     max_norm: float = Field(default=1e4, gt=0, description="Contract: a token's activation norm must stay below.")
     device: DeviceSetting = _device_field("the language model's forward passes")
+    store_train: bool = Field(
+        default=True,
+        description="Write the train split's activations to shards. False: only its documents are recorded, and the "
+        "train stage runs the model over them as it streams (SAELens' default; no disk for the largest split, one "
+        "forward pass per epoch and window). val and test are always stored.",
+    )
     activation_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="How activation shards store values: float32, or bfloat16 (half the disk; every value within a "

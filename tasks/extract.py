@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from data_contracts.activations import (
+    LiveBlock,
     MANIFEST,
     SPLITS,
     ActivationManifest,
@@ -38,7 +39,7 @@ from data_contracts.activations import (
 )
 from data_contracts.core import ContractViolation, file_sha256
 from data_contracts.documents import write_documents
-from sae_core.extraction import ActivationBatch, Window, extract_in_order, make_windows
+from sae_core.extraction import ActivationBatch, Window, extract_in_order, kept_span, make_windows
 from sae_core.models import LoadedModel, resolve_source, load_model, weights_fingerprint
 from sae_core.training.memory import keep_freed_memory
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE
@@ -154,6 +155,26 @@ def _extract_shard(loaded: LoadedModel, ids: list[list[int]], cfg: ExtractConfig
     return extract_in_order(loaded, shard_windows(loaded, ids, cfg), cfg.batch_size, cfg.include_special_tokens, on_batch)
 
 
+def live_blocks(loaded: LoadedModel, docs: pd.DataFrame, token_ids: list[list[int]], blocks: list[np.ndarray],
+                cfg: ExtractConfig) -> list[LiveBlock]:
+    """A split that is not stored: its shards' documents and the rows each block yields (no forward pass)."""
+    out = []
+    for rows in blocks:
+        windows = shard_windows(loaded, [token_ids[r] for r in rows], cfg)
+        n = sum(hi - lo for lo, hi in (kept_span(w, cfg.include_special_tokens) for w in windows))
+        out.append(LiveBlock(doc_ids=docs["doc_id"].to_numpy()[rows].tolist(), rows=n))
+    return out
+
+
+def extract_documents(loaded: LoadedModel, texts: list[str], context_length: int, batch_size: int,
+                      include_special_tokens: bool) -> np.ndarray:
+    """The activations [n, d] of ``texts`` in shard row order (document, then position): what
+    the extract stage would have written for them as one shard (a live split's reader)."""
+    ids = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    windows = [w for i, toks in enumerate(ids) for w in make_windows(i, toks, context_length, loaded.prefix_ids, loaded.suffix_ids)]
+    return extract_in_order(loaded, windows, batch_size, include_special_tokens).activation
+
+
 class _LogBar:
     """tqdm's ``update``/``close`` over a :class:`~tasks.progress.ProgressLog`."""
 
@@ -208,8 +229,10 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     n_special = len(loaded.prefix_ids) + len(loaded.suffix_ids)
     plan = _plan(docs, token_ids, cfg, n_special)
 
+    stored = [split for split in SPLITS if cfg.store_train or split != "train"]
+    live = {} if cfg.store_train else {"train": live_blocks(loaded, docs, token_ids, plan["train"], cfg)}
     todo_tokens = sum(
-        len(token_ids[r]) for split in SPLITS for i, rows in enumerate(plan[split]) if not (out / shard_path(split, i)).is_file() for r in rows
+        len(token_ids[r]) for split in stored for i, rows in enumerate(plan[split]) if not (out / shard_path(split, i)).is_file() for r in rows
     )
     bar = None
     if progress:
@@ -229,7 +252,7 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         try:
-            for split in SPLITS:
+            for split in stored:
                 for index, rows in enumerate(plan[split]):
                     rel = shard_path(split, index)
                     if (out / rel).is_file():
@@ -261,8 +284,8 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     shards = [slot.result() if isinstance(slot, Future) else slot for slot in slots]
     extracted = sum(info.rows for info in shards if info.file in written)
 
-    tokens = {s: sum(i.rows for i in shards if i.split == s) for s in SPLITS}
-    documents = {s: sum(i.documents for i in shards if i.split == s) for s in SPLITS}
+    tokens = {s: sum(i.rows for i in shards if i.split == s) + sum(b.rows for b in live.get(s, [])) for s in SPLITS}
+    documents = {s: sum(i.documents for i in shards if i.split == s) + sum(len(b.doc_ids) for b in live.get(s, [])) for s in SPLITS}
     provisional = ActivationManifest(
         model=cfg.model,
         revision=loaded.revision,
@@ -280,6 +303,8 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
         max_norm=cfg.max_norm,
         trust_remote_code=cfg.trust_remote_code,
         dtype=cfg.activation_dtype,
+        live_splits=live,
+        live_batch_size=cfg.batch_size if live else None,
     )
     # every shard passed its contract: written ones before they were written, reused ones
     # when they were found. The documents go out with the manifest, not before the shards,

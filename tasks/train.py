@@ -254,9 +254,9 @@ def run_training(
     run_dir = Path(run_dir)
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=("train",))
-    acts = activation_source(acts_dir, "train", cfg.max_train_tokens, seed=0, manifest=manifest,
-                             buffer_mb=cfg.shuffle_buffer_mb if cfg.activations == "stream" else None)
     device = resolve_device(cfg.device)
+    acts = activation_source(acts_dir, "train", cfg.max_train_tokens, seed=0, manifest=manifest, device=device,
+                             buffer_mb=cfg.shuffle_buffer_mb if cfg.activations == "stream" else None)
     sae_cfg = member_config(cfg, manifest.d)
     # batches drawn through windows smaller than the data differ from in-memory ones
     data_fp = f"{manifest.config_fingerprint}:{cfg.max_train_tokens}" + (f":windows of {acts.buffer_rows} rows" if acts.streams else "")
@@ -268,6 +268,8 @@ def run_training(
     result = StageResult(stage="train", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
     how = (f"streamed through a shuffle buffer of {acts.buffer_rows:,} rows ({cfg.shuffle_buffer_mb} MB)" if acts.streams
            else "held in memory")
+    if manifest.is_live("train"):
+        how += f", computed by {manifest.model} as it is read (extract.store_train: false)"
     result.notes.append(f"read the train split: {acts.n_rows} tokens, d={manifest.d}, {how}; trained on {device}")
     trained_bagging: dict[int, EnsembleTrainResult] = {}
 

@@ -247,3 +247,48 @@ def test_bfloat16_shards_halve_the_disk_within_the_stated_error(tmp_path):
     write_manifest(acts["float32"], manifest.model_copy(update={"dtype": "bfloat16"}))
     with pytest.raises(ContractViolation, match="expected width 32 .* of bfloat16 bits, 64 bytes a row; the manifest.s dtype bfloat16"):
         validate_activations(acts["float32"])
+
+
+def test_training_from_the_model_without_storing_the_train_split(tmp_path):
+    """extract.store_train = false stores only val and test and plans the train split's
+    blocks; the train stage runs the model over them as it streams, and on the CPU gets the
+    stored rows bit for bit, hence the same models as from shards."""
+    from data_contracts import ContractViolation
+    from data_contracts.activations import load_split, read_manifest
+    from tasks.config import CorpusSource, ExtractConfig, TrainStageConfig
+    from tasks.extract import run_extraction
+    from tasks.train import run_training
+    from tests.tiny_models import TEXTS, build_tiny_model
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(f"{t} {TEXTS[(i + 3) % 5]} {i}" for i, t in enumerate(TEXTS * 4)) + "\n")
+    model = build_tiny_model(tmp_path / "model", "llama")
+    base = ExtractConfig(model=str(model), layer=1, context_length=16, batch_size=8, corpus=[CorpusSource(name=str(corpus))],
+                         documents_per_shard=6, device="cpu")
+    runs = {store: tmp_path / f"store_{store}" for store in (True, False)}
+    for store, run in runs.items():
+        run_extraction(base.model_copy(update={"store_train": store}), run, progress=False)
+    stored, live = (read_manifest(runs[s] / "activations") for s in (True, False))
+    assert live.shards_of("train") == [] and live.is_live("train") and not stored.is_live("train")
+    assert live.tokens_per_split == stored.tokens_per_split
+    assert [(s.file, s.rows) for s in live.shards_of("test")] == [(s.file, s.rows) for s in stored.shards_of("test")]
+    assert [b.rows for b in live.live_splits["train"]] == [s.rows for s in stored.shards_of("train")]
+    with pytest.raises(ContractViolation, match="not stored"):
+        load_split(runs[False] / "activations", "train")
+    rows = activation_source(runs[False] / "activations", "train", None, 0).in_memory().rows
+    assert torch.equal(rows, split_tokens(runs[True] / "activations", "train", None, 0))
+
+    cfg = TrainStageConfig(d_sae=48, k=4, n_members=2, n_runs=1, methods=["bagging", "boosting"], device="cpu",
+                           shuffle_buffer_mb=0.03, recipe=TrainConfig(n_steps=8, batch_size=32, lr=3e-3, b_dec_init_samples=64))
+    results = {store: run_training(cfg, run, progress=False) for store, run in runs.items()}
+    assert any("computed by" in n and "store_train: false" in n for n in results[False].notes)
+    assert any("streamed through a shuffle buffer" in n for n in results[False].notes)
+    for name in ("bagging", "boosting"):
+        a, b = (load_ensemble_state(runs[s] / "models" / name / "run=0") for s in (True, False))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def load_ensemble_state(directory):
+    from sae_core.io import load_ensemble
+
+    return load_ensemble(directory).state_dict()
