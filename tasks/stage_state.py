@@ -69,7 +69,7 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 _SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/summaries.py", "tasks/progress.py")
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "extract": ("tasks/extract.py", "tasks/sources.py"),
-    "train": ("tasks/train.py",),
+    "train": ("tasks/train.py", "tasks/live_activations.py", "tasks/extract.py"),
     "evaluate": ("tasks/evaluate.py", "tasks/figures.py", "tasks/top_contexts.py"),
     "downstream": ("tasks/downstream*.py", "tasks/labelled.py", "tasks/sources.py", "tasks/extract.py", "tasks/figures.py"),
     "report": ("tasks/report*.py", "tasks/claims.py"),
