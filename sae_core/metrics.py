@@ -5,7 +5,12 @@ are accumulated batch by batch and merged (:class:`TargetSums` of the activation
 :class:`ErrorSums` of one reconstruction). The in-memory functions (``mse(a, a_hat)``,
 …) compute the same sums from one batch and call the same formula, so the streaming
 evaluation (:mod:`sae_core.evaluation`) and a direct call cannot drift apart. Sums are
-float64; results are Python floats.
+float64 tensors on the device of the data they sum; results are Python floats.
+
+Every function works on CPU and CUDA tensors alike: tensors it creates are made on its
+inputs' device, and whatever goes through numpy/scipy (Hungarian matching, the old
+co-firing count) is moved to the CPU first. Co-firing (connectivity) streams through
+:class:`CoFiring`, whose state does not grow with the number of tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from sae_core.devices import resolve_device, to_device
 from sae_core.numerics import NORM_EPS
 
 
@@ -30,8 +36,8 @@ class TargetSums:
     sum_a2: Tensor
 
     @classmethod
-    def zeros(cls, d: int) -> "TargetSums":
-        return cls(0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64))
+    def zeros(cls, d: int, device: torch.device | str | None = None) -> "TargetSums":
+        return cls(0, torch.zeros(d, dtype=torch.float64, device=device), torch.zeros(d, dtype=torch.float64, device=device))
 
     def add(self, a64: Tensor) -> None:
         """Accumulate a batch [B, d] (already float64)."""
@@ -50,23 +56,31 @@ class TargetSums:
 @dataclass
 class ErrorSums:
     """Sums over the tokens of one reconstruction â of a: Σ_t (a − â)² per dimension [d],
-    Σ_t ‖â_t‖², Σ_t a_t·â_t and Σ_t L0_t (float64)."""
+    Σ_t ‖â_t‖², Σ_t a_t·â_t and Σ_t L0_t (float64).
+
+    The three scalars are 0-dim float64 tensors on the device of ``err`` (from
+    :meth:`zeros`), so accumulating never waits for a CUDA device; the ``*_from``
+    functions turn them into Python floats."""
 
     err: Tensor
-    recon_sq: float = 0.0
-    cross: float = 0.0
-    active: float = 0.0
+    recon_sq: float | Tensor = 0.0
+    cross: float | Tensor = 0.0
+    active: float | Tensor = 0.0
 
     @classmethod
-    def zeros(cls, d: int) -> "ErrorSums":
-        return cls(torch.zeros(d, dtype=torch.float64))
+    def zeros(cls, d: int, device: torch.device | str | None = None) -> "ErrorSums":
+        def scalar() -> Tensor:
+            return torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, a64: Tensor, recon64: Tensor, active: float = 0.0) -> None:
-        """Accumulate a batch: a and â [B, d] (float64), and the batch's Σ_t L0_t."""
+        return cls(torch.zeros(d, dtype=torch.float64, device=device), scalar(), scalar(), scalar())
+
+    def add(self, a64: Tensor, recon64: Tensor, active: float | Tensor = 0.0) -> None:
+        """Accumulate a batch: a and â [B, d] (float64), and the batch's Σ_t L0_t (a float or
+        a 0-dim tensor on the same device)."""
         self.err += (a64 - recon64).pow(2).sum(0)
-        self.recon_sq += float(recon64.pow(2).sum())
-        self.cross += float((a64 * recon64).sum())
-        self.active += active
+        self.recon_sq = self.recon_sq + recon64.pow(2).sum()
+        self.cross = self.cross + (a64 * recon64).sum()
+        self.active = self.active + active
 
     def merge(self, other: "ErrorSums") -> "ErrorSums":
         return ErrorSums(self.err + other.err, self.recon_sq + other.recon_sq, self.cross + other.cross, self.active + other.active)
@@ -81,7 +95,7 @@ def sums_of(a: Tensor, a_hat: Tensor) -> tuple[TargetSums, ErrorSums]:
     """The sufficient statistics of one in-memory pair a, â [T, d]."""
     _check_pair(a, a_hat)
     a64, r64 = a.double(), a_hat.double()
-    targets, errors = TargetSums.zeros(a.shape[1]), ErrorSums.zeros(a.shape[1])
+    targets, errors = TargetSums.zeros(a.shape[1], a.device), ErrorSums.zeros(a.shape[1], a.device)
     targets.add(a64)
     errors.add(a64, r64)
     return targets, errors
@@ -114,12 +128,13 @@ def explained_variance_total_from(targets: TargetSums, errors: ErrorSums) -> flo
 
 def l0_from(targets: TargetSums, errors: ErrorSums) -> float:
     """Mean number of non-zero codes per token (an ensemble's: the sum over its members)."""
-    return errors.active / targets.n_tokens
+    return float(errors.active) / targets.n_tokens
 
 
 def shrinkage_gamma_from(errors: ErrorSums) -> float:
     """γ = E‖â‖² / E[a·â] (relative reconstruction bias; < 1 means shrinkage)."""
-    return errors.recon_sq / errors.cross if errors.cross != 0 else float("nan")
+    recon_sq, cross = float(errors.recon_sq), float(errors.cross)
+    return recon_sq / cross if cross != 0 else float("nan")
 
 
 def mse(a: Tensor, a_hat: Tensor) -> float:
@@ -189,7 +204,7 @@ def c_dec(W: Tensor, chunk: int = 4096) -> float:
     total = 0.0
     for i in range(0, m, chunk):
         block = (U[i : i + chunk] @ U.T).abs()
-        rows = torch.arange(i, min(i + chunk, m))
+        rows = torch.arange(i, min(i + chunk, m), device=U.device)
         block[rows - i, rows] = 0.0  # the diagonal (self-similarity) is not a pair
         total += float(block.double().sum())
     return total / (m * (m - 1))  # every pair was counted twice
@@ -202,7 +217,7 @@ def diversity(W: Tensor, threshold: float = 0.7, chunk: int = 4096) -> tuple[int
     count = 0
     for i in range(0, m, chunk):
         block = U[i : i + chunk] @ U.T
-        rows = torch.arange(i, min(i + chunk, m))
+        rows = torch.arange(i, min(i + chunk, m), device=U.device)
         block[rows - i, rows] = -float("inf")
         count += int((block.max(dim=1).values < threshold).sum())
     return count, count / m
@@ -220,8 +235,8 @@ def mutual_max_cosines(W: Tensor, others: Tensor, chunk: int = 1024, bf16: bool 
     U, V = unit_rows(W), unit_rows(others)
     if bf16:
         U, V = U.bfloat16(), V.bfloat16()
-    rows = torch.empty(U.shape[0])
-    cols = torch.full((V.shape[0],), -float("inf"))
+    rows = torch.empty(U.shape[0], device=U.device)
+    cols = torch.full((V.shape[0],), -float("inf"), device=U.device)
     for i in range(0, U.shape[0], chunk):
         block = U[i : i + chunk] @ V.T
         # amax, not max: the index-returning reductions are much slower along dim 0
@@ -239,7 +254,7 @@ def stability(dictionaries: list[Tensor], chunk: int = 1024, bf16: bool = False)
     """
     if len(dictionaries) < 2:
         raise ValueError(f"stability needs at least 2 independent runs, got {len(dictionaries)}")
-    best = [torch.zeros(W.shape[0]) for W in dictionaries]
+    best = [torch.zeros(W.shape[0], device=W.device) for W in dictionaries]
     for s in range(len(dictionaries)):
         for t in range(s + 1, len(dictionaries)):
             rows, cols = mutual_max_cosines(dictionaries[s], dictionaries[t], chunk, bf16)
@@ -395,9 +410,10 @@ def candidate_edges(U: Tensor, V: Tensor, candidates: int, chunk: int = 512, bf1
 
 
 def random_dictionary_like(W: Tensor, seed: int) -> Tensor:
-    """An untrained (Gaussian, unit-row) dictionary of W's shape: the floor of the stability metrics."""
+    """An untrained (Gaussian, unit-row) dictionary of W's shape, on W's device: the floor of the
+    stability metrics. Drawn on the CPU (a seed gives the same dictionary on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    return unit_rows(torch.randn(W.shape, generator=gen))
+    return unit_rows(torch.randn(W.shape, generator=gen)).to(W.device)
 
 
 # ------------------------------------------------------------------ co-activation
@@ -454,7 +470,7 @@ def connectivity_of_prefixes(tok: Tensor, lat: Tensor, n_tokens: int, sizes: lis
         raise ValueError(f"sizes must be positive prefix sizes, got {sizes}")
     m = max(sizes)
     edges = sorted(set(sizes) | set(range(0, m, block)) | {m})
-    tok_np, lat_np = np.asarray(tok, dtype=np.int64), np.asarray(lat, dtype=np.int64)
+    tok_np, lat_np = (np.asarray(torch.as_tensor(v).cpu(), dtype=np.int64) for v in (tok, lat))
     keep = lat_np < m
     H = sp.csc_matrix(
         (np.ones(int(keep.sum()), dtype=np.bool_), (tok_np[keep], lat_np[keep])), shape=(n_tokens, m)
@@ -478,3 +494,381 @@ def connectivity_of_prefixes(tok: Tensor, lat: Tensor, n_tokens: int, sizes: lis
         q = edges.index(s)  # intervals [0, q) make up the first s latents
         out.append(1.0 - float(counts[:q, :q].sum()) / (s * s))
     return out
+
+
+# ------------------------------------------------------- streaming co-firing record
+# The co-fired pairs of the latents are kept as a bitmap, not as the tokens' active sets, so
+# the memory of connectivity does not grow with the number of tokens evaluated. Bit (i, j),
+# i ≤ j (the upper triangle, the diagonal included), is set once latents i and j have fired
+# on the same token; an ordered pair count is twice the off-diagonal bits plus the diagonal.
+# The bitmap is stored by row tiles of ``block`` latents, each from its own diagonal on (about
+# half the square), in packed bits: bit b of byte q of a row is column 8q + b from the tile's
+# start, rows padded to whole 64-bit words (for counting).
+#
+# Two ways to fill it from a batch's binary codes A [B, m], both exact:
+#   sparse: the batch's distinct co-firing pairs from the symbolic-and-numeric sparse product
+#           AᵀA (scipy, on the CPU), set in the bitmap; work ~ L0²/2 pair visits per token.
+#   dense:  tiles of AᵀA as matmuls of the 0/1 codes (bf16 where the device has native bf16
+#           matmuls, fp32 otherwise; a sum of non-negative terms is > 0 exactly when one term
+#           is, whatever the rounding), > 0 packed to bits and OR-ed in; work ~ m² multiply-adds
+#           per token (the upper triangle of 2·m² FLOP), on the device.
+# :func:`connectivity_algorithm` chooses from a cost model whose constants were measured by
+# benchmarks/bench_metrics.py (see the constants below).
+
+#: latents per row tile of the co-firing state and of the dense products, by device type
+CONNECTIVITY_BLOCK = {"cpu": 1024, "cuda": 4096}
+#: dense: most entries of one product (block rows × a whole number of block-wide column tiles)
+DENSE_TILE_ENTRIES = {"cpu": 1 << 24, "cuda": 1 << 26}
+#: sparse: most row blocks (of whole tiles) of a batch's product (the work is ~ L0²/2·(1 + 1/blocks)
+#: visits plus one copy of the batch's active sets per block)
+SPARSE_ROW_BLOCKS = 16
+# Cost-model constants, measured by ``benchmarks/bench_metrics.py --sections model`` on the
+# 2-core Xeon (Sapphire Rapids: AVX-512 bf16 and AMX) that runs the default run, with one torch
+# thread (the machine was shared with other jobs; least of 2 repeats), on fresh accumulators fed
+# batches of 4,096 tokens of random codes at m = 6,144 and 16,384, L0 = 32, 128 and 512.
+# CPU dense rates are per torch thread (the model multiplies by the threads).
+#: sparse: seconds per co-firing pair (the upper triangle: L0·(L0+1)/2 a token) of the per-batch path
+#: (scipy's symbolic and numeric product, the new bits set); single-threaded (scipy). Measured
+#: 14-45 ns: ~14 where a batch repeats most pairs (L0 512 of 6,144), ~30-45 where it does not
+#: (also ~40 ns at 8 × 16,384 latents, L0 256)
+SPARSE_SECONDS_PER_PAIR = 4e-8
+#: sparse: seconds per latent and token of finding a batch's active sets in its [B, m] mask (numpy on
+#: the CPU: measured 1.2-2.7 ns; on CUDA torch's nonzero, not measured: HBM-bound, ~1 byte a latent)
+SPARSE_SECONDS_PER_LATENT = {"cpu": 1.5e-9, "cuda": 1e-12}
+#: dense: multiply-adds per second of the 0/1 tile matmuls, by kind. cpu-amx: bf16 with fp32
+#: accumulation, measured 1.1e11-2.3e11 a thread (4 runs); cpu: fp32 (``--fp32-dense``), measured 5.5e10
+#: with AVX-512 (an AVX2 CPU has about half); cuda: NOT measured (no GPU on the machine above): a
+#: quarter of an H100/H200's dense bf16 peak (~990 TFLOP/s), to be replaced by what
+#: ``python benchmarks/bench_metrics.py --sections model --device cuda`` measures on one
+DENSE_MULADDS_PER_SECOND = {"cuda": 1.2e14, "cpu-amx": 1.7e11, "cpu": 4.0e10}
+#: dense: seconds per tile entry and batch of the saturation check, > 0, triangle, packing and OR
+#: (m·(m+1)/2 entries a batch, whatever its tokens). cpu-amx measured 3-18 ns a thread (noisy: the
+#: difference of two timings), cpu (fp32 tiles) 10.9 ns; cuda not measured (~20 bytes of HBM an entry)
+DENSE_SECONDS_PER_ENTRY = {"cuda": 1e-11, "cpu-amx": 6e-9, "cpu": 1e-8}
+#: tokens a batch assumed by the cost model when the caller does not say (EvaluateConfig.batch_size)
+COST_MODEL_TOKENS_PER_BATCH = 4096
+
+
+def _cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 bf16 or AMX); torch emulates it otherwise."""
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def _dense_kind(device: torch.device) -> str:
+    """The row of :data:`DENSE_MULADDS_PER_SECOND` for ``device``."""
+    if device.type == "cuda":
+        return "cuda"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return "cpu-amx" if amx is not None and amx() and _cpu_has_bf16_matmul() else "cpu"
+
+
+def _dense_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device multiplies it natively, fp32 otherwise (0/1 are exact in both)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_bf16_matmul() else torch.float32
+
+
+def connectivity_seconds_per_token(mean_l0: float, m: int, device: torch.device | str,
+                                   tokens_per_batch: int = COST_MODEL_TOKENS_PER_BATCH) -> dict[str, float]:
+    """The cost model's seconds per token of each algorithm of :class:`CoFiring`, for codes of mean
+    L0 ``mean_l0`` over ``m`` latents on ``device`` in batches of ``tokens_per_batch`` tokens:
+
+    sparse: m latents scanned (:data:`SPARSE_SECONDS_PER_LATENT`) and L0·(L0+1)/2 pairs
+        (:data:`SPARSE_SECONDS_PER_PAIR`, the CPU's whatever the device: scipy runs there);
+    dense: m·(m+1)/2 multiply-adds at :data:`DENSE_MULADDS_PER_SECOND` (bf16 or fp32 as
+        the device has them) plus a batch's m·(m+1)/2 tile entries
+        (:data:`DENSE_SECONDS_PER_ENTRY`) shared by its tokens. The worst case: no tile is
+        skipped as saturated.
+
+    On the CPU the dense rates are per torch thread, times the threads.
+    """
+    device = torch.device(device)
+    kind = _dense_kind(device)
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    l0 = min(max(float(mean_l0), 0.0), float(m))
+    entries = m * (m + 1) / 2
+    scan = SPARSE_SECONDS_PER_LATENT["cuda" if device.type == "cuda" else "cpu"]
+    return {
+        "sparse": m * scan + l0 * (l0 + 1) / 2 * SPARSE_SECONDS_PER_PAIR,
+        "dense": (entries / DENSE_MULADDS_PER_SECOND[kind]
+                  + entries * DENSE_SECONDS_PER_ENTRY[kind] / max(1, tokens_per_batch)) / threads,
+    }
+
+
+def connectivity_algorithm(mean_l0: float, m: int, device: torch.device | str,
+                           tokens_per_batch: int = COST_MODEL_TOKENS_PER_BATCH) -> str:
+    """"sparse" or "dense": the cheaper algorithm of :class:`CoFiring` by
+    :func:`connectivity_seconds_per_token` (same arguments)."""
+    cost = connectivity_seconds_per_token(mean_l0, m, device, tokens_per_batch)
+    return "sparse" if cost["sparse"] <= cost["dense"] else "dense"
+
+
+def _popcount_u8(x: Tensor) -> Tensor:
+    """Set bits of each byte of a uint8 tensor (any device): numpy's ``bitwise_count`` on the CPU
+    (~20× the bit tricks there), :func:`_popcount_u8_torch` elsewhere."""
+    import numpy as np
+
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.bitwise_count(x.numpy()))
+    return _popcount_u8_torch(x)
+
+
+def _popcount_u8_torch(x: Tensor) -> Tensor:
+    """Set bits of each byte of a uint8 tensor by bit tricks (any device)."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+def _runs(flags: list[bool], longest: int) -> list[tuple[int, int]]:
+    """[start, end) of the runs of True in ``flags``, each cut to at most ``longest``."""
+    runs, start = [], None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        if start is not None and (not flag or i - start == longest):
+            runs.append((start, i))
+            start = i if flag else None
+    return runs
+
+
+def _pack_bits(bits: Tensor) -> Tensor:
+    """A bool [r, w] tensor as bytes [r, ⌈w/8⌉] (bit b of byte q = column 8q + b)."""
+    r, w = bits.shape
+    if w % 8:
+        bits = torch.cat([bits, bits.new_zeros(r, 8 - w % 8)], dim=1)
+    v = bits.contiguous().view(torch.uint8).view(r, -1, 8)
+    out = v[..., 0].clone()
+    for b in range(1, 8):
+        out |= v[..., b] << b
+    return out
+
+
+class CoFiring:
+    """Which latents have fired together on some token, streamed batch by batch.
+
+    m: latents of the codes fed to :meth:`add` ([B, m]).
+    sizes: prefix sizes s (1 ≤ s ≤ m) whose connectivity :meth:`connectivity` returns: of the
+        first s latents, 1 − (distinct ordered co-firing pairs (i, j), i, j < s, the diagonal
+        (i, i) counting where latent i fired) / s², the definition of
+        :func:`connectivity_of_prefixes` (its slow twin, which keeps every active (token,
+        latent) pair). Latents from max(sizes) on are ignored.
+    device: where the batches are (moved there if not) and, for the dense algorithm, where the
+        bitmap and the tile matmuls live; the sparse algorithm always works on the CPU (only
+        each batch's active indices travel).
+    algorithm: "sparse", "dense", or "auto": :func:`connectivity_algorithm` from the first
+        non-empty batch's mean L0 and size (kept for the later batches).
+    block: latents per row tile of the state and of the dense products (each product up to
+        :data:`DENSE_TILE_ENTRIES` entries, ~3.2 bytes an entry, besides the batch's codes as
+        a [m, B] bf16 or fp32 matrix); the sparse product takes whole tiles, at most
+        :data:`SPARSE_ROW_BLOCKS` row blocks a batch. Default :data:`CONNECTIVITY_BLOCK` of the
+        device type; rounded up to a multiple of 8.
+
+    State: the upper triangle (j ≥ i) of the m' × m' co-firing bitmap, m' = max(sizes), kept
+    as one packed-bit tensor per row tile: tile t (rows r_t = t·block on) holds columns r_t..m'
+    − 1, 8·⌈(m' − r_t)/64⌉ bytes a row (:attr:`state_bytes`, ≈ m'²/16 + m'·block/16), whatever
+    the number of tokens: 2.8 MB at m' = 6,144 (8 × 768, the default run; block 1,024) and
+    1.08 GB at m' = 131,072 (8 × 16,384, paper scale; 1.11 GB with CUDA's block 4,096).
+    """
+
+    #: dense: skip the tiles whose bits are all set already (False: the worst case, for benchmarks)
+    skip_saturated = True
+
+    def __init__(self, m: int, sizes: Iterable[int], *, device: torch.device | str | None = None,
+                 algorithm: str = "auto", block: int | None = None) -> None:
+        sizes = [int(s) for s in sizes]
+        if not sizes or min(sizes) < 1 or max(sizes) > m:
+            raise ValueError(f"sizes must be prefix sizes in 1..{m}, got {sizes}")
+        if algorithm not in ("auto", "sparse", "dense"):
+            raise ValueError(f"algorithm must be auto, sparse or dense, got {algorithm!r}")
+        self.n_latents = m
+        self.m = max(sizes)
+        self.sizes = sizes
+        self.device = resolve_device(device) if device is not None else torch.device("cpu")
+        self.algorithm: str | None = None if algorithm == "auto" else algorithm
+        block = block or CONNECTIVITY_BLOCK.get(self.device.type, CONNECTIVITY_BLOCK["cuda"])
+        self.block = max(8, -(-int(block) // 8) * 8)
+        self.n_tiles = -(-self.m // self.block)
+        self.n_tokens = 0
+        #: tile t: [rows of the tile, 8·⌈(m' − r_t)/64⌉] uint8, bit (i, j) at (i − r_t, j − r_t); at the first batch
+        self.tiles: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ layout
+    def _rows(self, t: int) -> tuple[int, int]:
+        """Rows [r0, r1) of tile t."""
+        return t * self.block, min((t + 1) * self.block, self.m)
+
+    def _row_bytes(self, t: int) -> int:
+        return 8 * -(-(self.m - t * self.block) // 64)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the bitmap: Σ_t rows(t)·8·⌈(m' − r_t)/64⌉."""
+        return sum((r1 - r0) * self._row_bytes(t) for t, (r0, r1) in enumerate(map(self._rows, range(self.n_tiles))))
+
+    @property
+    def state_device(self) -> torch.device | None:
+        """Where the bitmap lives (None before the first batch): the device (dense) or the CPU (sparse)."""
+        return self.tiles[0].device if self.tiles else None
+
+    def _allocate(self) -> None:
+        where = self.device if self.algorithm == "dense" else torch.device("cpu")
+        self.tiles = [torch.zeros(r1 - r0, self._row_bytes(t), dtype=torch.uint8, device=where)
+                      for t, (r0, r1) in enumerate(map(self._rows, range(self.n_tiles)))]
+
+    def co_fired(self) -> Tensor:
+        """The bitmap unpacked, [m', m'] bool on the CPU, True at (i, j), i ≤ j, where latents i and j
+        have fired on the same token (m'² bytes: for tests and small m')."""
+        out = torch.zeros(self.m, self.m, dtype=torch.bool)
+        for t, tile in enumerate(self.tiles or []):
+            r0, r1 = self._rows(t)
+            bits = (tile.cpu()[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+            out[r0:r1, r0:] = bits.reshape(r1 - r0, -1)[:, : self.m - r0].bool()
+        return out
+
+    # --------------------------------------------------------------------- add
+    def add(self, active: Tensor) -> None:
+        """Record one batch: ``active`` [B, m], the codes or their non-zero mask (bool), any device."""
+        if active.ndim != 2 or active.shape[1] != self.n_latents:
+            raise ValueError(f"co-firing batches must be [B, {self.n_latents}], got {tuple(active.shape)}")
+        if active.shape[0] == 0:
+            return
+        active = active[:, : self.m]
+        active = active if active.dtype == torch.bool else active != 0
+        self.n_tokens += active.shape[0]
+        if self.algorithm is None:
+            mean_l0 = int(torch.count_nonzero(active)) / active.shape[0]  # (a bool sum() copies to int64)
+            self.algorithm = connectivity_algorithm(mean_l0, self.m, self.device, active.shape[0])
+        if self.tiles is None:
+            self._allocate()
+        if self.algorithm == "dense":
+            self._add_dense(active)
+        else:
+            self._add_sparse(active)
+
+    # ------------------------------------------------------------------ dense
+    def _add_dense(self, active: Tensor) -> None:
+        """Products AᵀA of each row tile against the column tiles from its own on; (row tile,
+        column tile) squares whose bits are all set already are skipped (real codes saturate
+        early: on the default run boosting's connectivity is 9e-5 at J = 8, README)."""
+        m, block, n = self.m, self.block, self.n_tiles
+        tiles_per_chunk = max(1, DENSE_TILE_ENTRIES.get(self.device.type, DENSE_TILE_ENTRIES["cuda"]) // (block * block))
+        open_tiles = self._open_tiles() if self.skip_saturated else [[True] * (n - r) for r in range(n)]
+        if not any(any(row) for row in open_tiles):
+            return
+        codes = to_device(active, self.device).contiguous().view(torch.uint8)  # [B, m] 0/1
+        # [m, B] latent-major (the transpose in uint8, then the cast: both faster than in bool
+        # or bf16 on the CPU), so a product is rows(AT) @ rows(AT)ᵀ
+        AT = codes.T.contiguous().to(_dense_dtype(self.device))
+        for rt in range(n):
+            r0, r1 = self._rows(rt)
+            for t0, t1 in _runs(open_tiles[rt], tiles_per_chunk):  # column tiles rt + t0 .. rt + t1 − 1
+                c0, c1 = r0 + t0 * block, min(r0 + t1 * block, m)
+                P = AT[r0:r1] @ AT[c0:c1].T  # [r, c] co-firing counts (rounded; > 0 is exact)
+                if t0 == 0:
+                    P[:, : r1 - r0].triu_()  # the diagonal square: only j ≥ i is recorded
+                packed = _pack_bits(P > 0)
+                self.tiles[rt][:, t0 * block // 8 : t0 * block // 8 + packed.shape[1]] |= packed
+
+    def _open_tiles(self) -> list[list[bool]]:
+        """For every row tile r, for its column tiles r, r + 1, …: whether some pair of the square
+        (the upper triangle of the diagonal one) is still unset. One device sync."""
+        n, block = self.n_tiles, self.block
+        sizes = [r1 - r0 for r0, r1 in map(self._rows, range(n))]
+        set_bits, full = [], []
+        for r, tile in enumerate(self.tiles):
+            width = (n - r) * block // 8  # bytes of the column tiles r..n − 1
+            per_byte = _popcount_u8(tile).sum(0, dtype=torch.int64)[:width]
+            per_byte = torch.cat([per_byte, per_byte.new_zeros(width - per_byte.shape[0])])
+            set_bits.append(per_byte.view(n - r, block // 8).sum(1))
+            full += [sizes[r] * (sizes[r] + 1) // 2 if c == r else sizes[r] * sizes[c] for c in range(r, n)]
+        open_ = (torch.cat(set_bits) < torch.tensor(full, device=self.tiles[0].device)).cpu().tolist()
+        offsets = [0]
+        for r in range(n):
+            offsets.append(offsets[-1] + n - r)
+        return [open_[offsets[r] : offsets[r + 1]] for r in range(n)]
+
+    # ----------------------------------------------------------------- sparse
+    def _add_sparse(self, active: Tensor) -> None:
+        import numpy as np
+        import scipy.sparse as sp
+
+        B, m, block, n = active.shape[0], self.m, self.block, self.n_tiles
+        if active.device.type == "cpu":  # numpy's scan of a bool array is several times torch's
+            flat = np.flatnonzero(active.contiguous().numpy())
+            tok, lat = flat // m, flat % m
+        else:  # the device finds the active sets; only they travel
+            tok, lat = (v.cpu().numpy() for v in active.nonzero(as_tuple=True))
+        # (both row-major: ordered by token)
+        if lat.size == 0:
+            return
+        indptr = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(np.bincount(tok, minlength=B), out=indptr[1:])
+        H = sp.csr_matrix((np.ones(lat.size, dtype=np.bool_), lat, indptr), shape=(B, m))  # [B, m]
+        Hc = H.tocsc()  # the tokens of each latent: column slices are cheap
+        # whole tiles a product, at most SPARSE_ROW_BLOCKS products (each copies the active sets)
+        step = -(-n // SPARSE_ROW_BLOCKS)
+        for g0 in range(0, n, step):
+            g1 = min(g0 + step, n)
+            r0, r1 = self._rows(g0)[0], self._rows(g1 - 1)[1]
+            if Hc.indptr[r1] == Hc.indptr[r0]:
+                continue  # no latent of these tiles fired
+            left = Hc[:, r0:r1].T.tocsr()  # [r, B]
+            right = Hc[:, r0:].tocsr()  # [B, m − r0]: only columns j ≥ r0 can be j ≥ i
+            P = left @ right  # [r, m − r0]: each distinct co-firing pair of the batch once
+            for t in range(g0, g1):
+                a, b = (x - r0 for x in self._rows(t))  # the tile's rows within P
+                lo, hi = P.indptr[a], P.indptr[b]
+                if lo == hi:
+                    continue
+                # (i, j) relative to the tile's start r_t (a multiple of 8, so j's byte is j >> 3)
+                i = np.repeat(np.arange(b - a, dtype=P.indices.dtype), np.diff(P.indptr[a : b + 1]))
+                j = P.indices[lo:hi] - a
+                keep = j >= i  # the upper triangle only
+                i, j = i[keep], j[keep]
+                byte = i.astype(np.int64) * self._row_bytes(t) + (j >> 3)
+                self._set_bits(self.tiles[t].view(-1), byte, np.left_shift(np.uint8(1), (j & 7).astype(np.uint8)))
+
+    @staticmethod
+    def _set_bits(flat: Tensor, byte, value) -> None:
+        """Set bits of ``flat`` (uint8, CPU): for each k, the bit ``value[k]`` (a power of two) of
+        byte ``byte[k]`` (numpy int64 and uint8 arrays; no (byte, bit) twice).
+
+        Each bit not yet set is added to its byte: distinct bits of a byte add up to their OR,
+        so one scatter-add (which sums repeated bytes) sets them all."""
+        new = (flat.numpy()[byte] & value) == 0
+        if new.any():
+            flat.index_add_(0, torch.from_numpy(byte[new]), torch.from_numpy(value[new]))
+
+    # ----------------------------------------------------------------- result
+    def pair_counts(self) -> list[int]:
+        """Distinct ordered co-firing pairs among the first s latents, for every s in ``sizes``:
+        twice the set bits of the upper triangle of the s × s corner, less its diagonal.
+        Counted on the CPU (numpy's popcount of 64-bit words), a tile at a time."""
+        import numpy as np
+
+        if self.tiles is None:
+            return [0 for _ in self.sizes]
+        diagonal, upper = [], [0 for _ in self.sizes]
+        for t, tile in enumerate(self.tiles):
+            r0, r1 = self._rows(t)
+            idx = torch.arange(r1 - r0, device=tile.device)
+            diagonal.append(((tile[idx, idx >> 3] >> (idx & 7).to(torch.uint8)) & 1).cpu())  # (i, i) set: i fired
+            words = np.ascontiguousarray(tile.cpu().numpy()).view(np.uint64)  # [r, ⌈(m − r0)/64⌉]
+            below = np.bitwise_count(words).cumsum(axis=1, dtype=np.int64)  # [r, w]: set bits in words ≤ w
+            for q, s in enumerate(self.sizes):
+                if s <= r0:
+                    continue
+                n_rows, full, rest = min(r1, s) - r0, (s - r0) // 64, (s - r0) % 64
+                if full:
+                    upper[q] += int(below[:n_rows, full - 1].sum())
+                if rest:
+                    upper[q] += int(np.bitwise_count(words[:n_rows, full] & np.uint64((1 << rest) - 1)).sum())
+        fired = torch.cat(diagonal).long().cumsum(0)  # latents ≤ i that fired
+        return [2 * u - int(fired[s - 1]) for u, s in zip(upper, self.sizes)]
+
+    def connectivity(self) -> list[float]:
+        """1 − pairs(s) / s² for every s in ``sizes`` (1.0 for each before any token)."""
+        return [1.0 - c / (s * s) for c, s in zip(self.pair_counts(), self.sizes)]
