@@ -120,7 +120,8 @@ class ActivationSource:
         return False
 
     def init_sample(self, n: int) -> Tensor:
-        """``n`` evenly spaced rows (of the whole data in memory; of the first window when streaming), for b_dec's initialisation."""
+        """``n`` evenly spaced rows (of the whole data in memory; when streaming, of the first chunks
+        in file order that hold n rows), for b_dec's initialisation."""
         raise NotImplementedError
 
     def stream(self, seeds: list[int], batch_size: int, *, bootstrap: bool = False) -> BatchStream:
@@ -273,7 +274,13 @@ class ChunkedSource(ActivationSource):
     def init_sample(self, n: int) -> Tensor:
         if not self.streams:
             return self.in_memory().init_sample(n)
-        first = windows_of(self.chunks, range(len(self.chunks)), self.buffer_rows)[0]
+        # the first chunks (file order) that hold n rows: one 16 MB row group for the default 8,192
+        first, rows_in = [], 0
+        for i, chunk in enumerate(self.chunks):
+            if rows_in >= n:
+                break
+            first.append(i)
+            rows_in += chunk.n
         rows = torch.from_numpy(self.read(first))
         return rows[evenly_spaced(rows.shape[0], n)]
 
@@ -356,6 +363,7 @@ class _WindowStream(BatchStream):
         # keep only what this and later steps need, and read the next window meanwhile
         self._loaded = {k: v for k, v in self._loaded.items() if k >= keys[-1] or k in keys}
         upcoming = self._next_key(keys[-1])
+        self._plan(upcoming[0])  # planned here, so the reading thread only looks plans up
         if upcoming not in self._loaded and upcoming not in self._pending:
             self._pending = {k: f for k, f in self._pending.items() if k >= keys[-1]}
             self._pending[upcoming] = self._pool.submit(self._load, *upcoming)
