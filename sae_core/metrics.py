@@ -161,7 +161,7 @@ def l0(codes: Tensor) -> float:
     """Mean number of non-zero codes per token: [T, m] -> float."""
     if codes.ndim != 2:
         raise ValueError(f"codes must be [T, m]; got {tuple(codes.shape)}")
-    return float((codes != 0).sum(1).double().mean())
+    return float(torch.count_nonzero(codes, dim=1).double().mean())  # (no int64 copy of the mask, as a bool sum() makes)
 
 
 def dead_fraction(fired: Tensor) -> float:
