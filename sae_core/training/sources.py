@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -217,6 +218,23 @@ def subset_per_chunk(chunks: Sequence[Chunk], max_rows: int | None, seed: int) -
     return out
 
 
+#: arrays at least this large get their own anonymous mapping (see :func:`window_array`)
+MAPPED_BYTES = 64 << 20
+
+
+def window_array(n: int, d: int) -> np.ndarray:
+    """An [n, d] float32 array for a window's rows. A large one is an anonymous memory mapping of
+    its own, unmapped when the array is freed: training turns glibc's mmap off
+    (:func:`sae_core.training.memory.keep_freed_memory`) so step-sized tensors reuse their
+    pages, and windows of varying sizes allocated and freed in turn (one of them by the
+    prefetch thread) would otherwise fragment the heap it keeps, growing the process by a
+    window or more."""
+    nbytes = n * d * 4
+    if nbytes < MAPPED_BYTES:
+        return np.empty((n, d), dtype=np.float32)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.float32).reshape(n, d)
+
+
 def windows_of(chunks: Sequence[Chunk], order: Sequence[int], capacity: int) -> list[list[int]]:
     """Chunk indices packed, in ``order``, into windows of at most ``capacity`` rows (a chunk
     larger than the capacity gets a window of its own)."""
@@ -257,7 +275,7 @@ class ChunkedSource(ActivationSource):
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
         """The rows of chunks ``indices`` (in that order) as one [n, d] float32 array."""
-        out = np.empty((sum(self.chunks[i].n for i in indices), self.d), dtype=np.float32)
+        out = window_array(sum(self.chunks[i].n for i in indices), self.d)
         self.reader([self.chunks[i] for i in indices], out)
         return out
 
