@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale clean
+.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,17 @@ bench-pipeline: $(STAMP)
 # ~15 min), and the paper settings' projection (benchmarks/bench_scale.py)
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py --json runs/bench/scale.json
+
+# On a machine with a CUDA GPU (never needed by `make test`): the device-parametrised tests
+# run there too, then the streamed/in-memory training throughput and the connectivity cost
+# model are measured on the GPU (JSON in runs/bench/gpu-*.json). constraints.txt pins the CPU
+# wheel of torch; on a GPU box replace it with the CUDA build of the same version first, e.g.
+#   .venv/bin/pip install --force-reinstall --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126
+gpu-check: $(STAMP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	$(PY) -m pytest -q tests/test_devices.py tests/test_connectivity.py $(PYTEST_ARGS)
+	$(PY) benchmarks/bench_scale.py --skip-rss --device cuda --json runs/bench/gpu-scale.json
+	$(PY) benchmarks/bench_metrics.py --sections model,default --device cuda --json runs/bench/gpu-metrics.json
 
 # SAELens and dictionary_learning in their own environment, timed against ours on the same
 # real activations in one process, then each library's held-out FVU after the same steps on

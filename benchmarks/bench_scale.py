@@ -6,12 +6,14 @@ evaluate stages at N and 8N tokens, and a projection of the paper's three settin
    trained from memory and streamed through a shuffle buffer 1/7 of the split (so windows
    are swapped every ~40 steps), alternating, best of each; the ratio streamed/in-memory.
 2. **Peak RSS** (VmHWM) of ``run_training`` and ``run_evaluation`` in fresh processes on
-   N and 8N tokens of d = 384 (default 1M and 8M: 1.5 and 12 GB of shards) with the
-   default 1,024 MB shuffle buffer; the in-memory path at N for contrast.
+   N and 8N tokens of d = 384 (default 1M and 8M: 1.5 and 12 GB of shards), training
+   streamed through the default 1,024 MB shuffle buffer and through 256 MB (N = 1M spans
+   only 1.43 windows of 1,024 MB, so there 8N holds two full windows where N does not);
+   the in-memory path at N for contrast.
 3. **Projection** of the paper's settings per stage (disk, RAM, GPU memory, GPU hours)
    from a FLOP model (below) and an assumed GPU efficiency, printed with its assumptions.
 
-    python benchmarks/bench_scale.py [--tokens 1000000] [--skip-rss] [--json runs/bench/scale.json]
+    python benchmarks/bench_scale.py [--tokens 1000000] [--skip-rss] [--device cuda] [--json runs/bench/scale.json]
 
 Writes scratch shards under --scratch (default: a temp dir, removed at the end).
 """
@@ -39,7 +41,7 @@ DEFAULT = dict(d_sae=768, k=40, members=8, batch=1024)
 
 
 # ------------------------------------------------------------------------ 1. throughput
-def throughput(scratch: Path, tokens: int, steps: int, rounds: int) -> dict:
+def throughput(scratch: Path, tokens: int, steps: int, rounds: int, device: str = "cpu") -> dict:
     from sae_core.config import SAEConfig, TrainConfig
     from sae_core.training.trainer import train_sae
     from tasks.common import activation_source
@@ -57,17 +59,17 @@ def throughput(scratch: Path, tokens: int, steps: int, rounds: int) -> dict:
     for _ in range(rounds):
         for name, source in (("memory", memory), ("stream", streamed)):
             start = time.perf_counter()
-            train_sae(cfg, source, recipe, member_seeds=seeds)
+            train_sae(cfg, source, recipe, member_seeds=seeds, device=device)
             best[name] = min(best[name], time.perf_counter() - start)
     per_second = {k: steps * DEFAULT["batch"] * DEFAULT["members"] / v for k, v in best.items()}
     windows = -(-streamed.n_rows // streamed.buffer_rows)
-    print(f"throughput at the default shape ({tokens:,} train tokens, {steps} steps, best of {rounds}):")
+    print(f"throughput at the default shape on {device} ({tokens:,} train tokens, {steps} steps, best of {rounds}):")
     print(f"  in memory  {per_second['memory']:>10,.0f} member-tokens/s")
     print(f"  streamed   {per_second['stream']:>10,.0f} member-tokens/s  (buffer {streamed.buffer_rows:,} rows, ~{windows} windows "
           f"per epoch, a new one every {streamed.buffer_rows // DEFAULT['batch']} steps)")
     print(f"  ratio streamed / in memory: {per_second['stream'] / per_second['memory']:.3f}", flush=True)
     shutil.rmtree(acts.parent)
-    return {"tokens": tokens, "steps": steps, "member_tokens_per_s": per_second,
+    return {"device": device, "tokens": tokens, "steps": steps, "member_tokens_per_s": per_second,
             "ratio": per_second["stream"] / per_second["memory"], "buffer_rows": streamed.buffer_rows}
 
 
@@ -75,13 +77,13 @@ def throughput(scratch: Path, tokens: int, steps: int, rounds: int) -> dict:
 CHILD = """
 import json, sys
 from pathlib import Path
-stage, run_dir, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+stage, run_dir, mode, buffer_mb = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[5])
 from sae_core.config import TrainConfig
 from tasks.config import EvaluateConfig, TrainStageConfig
 if stage == "train":
     from tasks.train import run_training
     cfg = TrainStageConfig(architecture="topk", d_sae=768, k=40, n_members=2, n_runs=1, methods=["bagging"], device="cpu",
-                           activations=mode, recipe=TrainConfig(n_steps=int(sys.argv[4]), batch_size=4096, lr=3e-3,
+                           activations=mode, shuffle_buffer_mb=buffer_mb, recipe=TrainConfig(n_steps=int(sys.argv[4]), batch_size=4096, lr=3e-3,
                            autocast_bf16=True, log_every=10**6))
     result = run_training(cfg, run_dir, progress=False)
 else:
@@ -92,20 +94,24 @@ print(json.dumps({"peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024, "second
 """
 
 
-def rss_of(stage: str, run_dir: Path, mode: str = "stream", steps: int = 0) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, stage, str(run_dir), mode, str(steps)], cwd=ROOT, capture_output=True,
-                         text=True, check=False)
+def rss_of(stage: str, run_dir: Path, mode: str = "stream", steps: int = 0, buffer_mb: float = 1024) -> dict:
+    shutil.rmtree(run_dir / "models", ignore_errors=True) if stage == "train" else None
+    out = subprocess.run([sys.executable, "-c", CHILD, stage, str(run_dir), mode, str(steps), str(buffer_mb)], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{stage} at {run_dir} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_rss(scratch: Path, tokens: int) -> list[dict]:
+def peak_rss(scratch: Path, tokens: int, buffers: tuple[float, ...] = (1024, 256)) -> list[dict]:
+    """Peak RSS of train (streamed through each buffer size; in memory at N) and evaluate at N and 8N tokens.
+
+    Streamed training holds about two windows of the buffer: N must span at least two full
+    windows for the comparison to show the bound (1M tokens of d = 384 are 1.43 windows of
+    the default 1,024 MB, 5.7 of 256 MB)."""
     from tests.synthetic_shards import write_synthetic_activations
 
     rows = []
-    buffer_rows = (1024 << 20) // (4 * D)
-    steps = 3 * buffer_rows // 4096 + 1  # through three windows of the default buffer
     for n in (tokens, 8 * tokens):
         run = scratch / f"rss_{n}"
         start = time.perf_counter()
@@ -113,17 +119,22 @@ def peak_rss(scratch: Path, tokens: int) -> list[dict]:
                                     rows_per_shard=65536)
         print(f"wrote {n:,} train + {n:,} test tokens of d = {D} ({2 * n * D * 4 / 2**30:.1f} GB) in {time.perf_counter() - start:.0f} s",
               flush=True)
-        modes = [("stream", "train"), ("stream", "evaluate")] + ([("memory", "train")] if n == tokens else [])
-        for mode, stage in modes:
-            measured = rss_of(stage, run, mode, steps)
-            rows.append({"tokens": n, "stage": stage, "mode": mode, **measured})
-            print(f"  {stage:<8} {mode:<6} {n:>11,} tokens: peak RSS {measured['peak_rss_mb']:>7,.0f} MB, {measured['seconds']:.0f} s",
+        runs = [("train", "stream", mb) for mb in buffers] + [("evaluate", "stream", 0)]
+        runs += [("train", "memory", 0)] if n == tokens else []
+        for stage, mode, mb in runs:
+            window_rows = int(mb * 2**20) // (4 * D) if mb else 0
+            steps = 3 * window_rows // 4096 + 1 if mb else 3 * ((1024 << 20) // (4 * D)) // 4096 + 1  # through three windows
+            measured = rss_of(stage, run, mode, steps, mb or 1024)
+            rows.append({"tokens": n, "stage": stage, "mode": mode, "buffer_mb": mb or None, **measured})
+            label = f"{mode} {int(mb)} MB" if stage == "train" and mode == "stream" else mode
+            print(f"  {stage:<8} {label:<14} {n:>11,} tokens: peak RSS {measured['peak_rss_mb']:>7,.0f} MB, {measured['seconds']:.0f} s",
                   flush=True)
         shutil.rmtree(run)
-    for stage in ("train", "evaluate"):
-        small, large = (next(r["peak_rss_mb"] for r in rows if r["tokens"] == n and r["stage"] == stage and r["mode"] == "stream")
-                        for n in (tokens, 8 * tokens))
-        print(f"{stage}: peak RSS at 8N / N = {large / small:.3f} ({large:,.0f} vs {small:,.0f} MB)")
+    for stage, mb in [("train", mb) for mb in buffers] + [("evaluate", None)]:
+        small, large = (next(r["peak_rss_mb"] for r in rows if r["tokens"] == n and r["stage"] == stage and r["mode"] == "stream"
+                             and r["buffer_mb"] == mb) for n in (tokens, 8 * tokens))
+        what = f"{stage} (buffer {int(mb)} MB)" if mb else stage
+        print(f"{what}: peak RSS at 8N / N = {large / small:.3f} ({large:,.0f} vs {small:,.0f} MB)")
     return rows
 
 
@@ -185,6 +196,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--device", default="cpu", help="device of the throughput comparison (cpu, cuda, ...)")
     parser.add_argument("--scratch", type=Path)
     parser.add_argument("--json", default="runs/bench/scale.json")
     args = parser.parse_args()
@@ -192,7 +204,7 @@ def main() -> None:
           f"{matmul_flops_per_second(4096, D, 768, torch.bfloat16) / 1e9:.0f} GFLOP/s at [4096, {D}] x [{D}, 768]")
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="sae-bench-scale-"))
     try:
-        results = {"throughput": throughput(scratch, args.throughput_tokens, args.steps, args.rounds)}
+        results = {"throughput": throughput(scratch, args.throughput_tokens, args.steps, args.rounds, args.device)}
         if not args.skip_rss:
             results["peak_rss"] = peak_rss(scratch, args.tokens)
         results["projection"] = projection()

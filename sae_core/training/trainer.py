@@ -290,8 +290,9 @@ def _train(sae_cfg, source, stream, train_cfg: TrainConfig, seeds, checkpoint_di
         start_step = resumed_from = int(meta["step"])
 
     dead_threshold = train_cfg.dead_window_tokens
+    upcoming = to_device(stream.batch(start_step), device) if start_step < train_cfg.n_steps else None
     for step in range(start_step, train_cfg.n_steps):
-        x = to_device(stream.batch(step), device)
+        x = upcoming
         if transform is not None:
             with torch.no_grad():
                 x = transform(x.view(J * B, sae_cfg.d_in)).view(J, B, sae_cfg.d_in)
@@ -307,6 +308,9 @@ def _train(sae_cfg, source, stream, train_cfg: TrainConfig, seeds, checkpoint_di
         with autocast(device, enabled=train_cfg.autocast_bf16):
             out = sae.training_loss(x, ctx)
         out.loss.backward()
+        # the next batch is gathered on the host and its copy to the device queued while the
+        # device still works through this step's kernels (on the CPU: the same batches, in order)
+        upcoming = to_device(stream.batch(step + 1), device) if step + 1 < train_cfg.n_steps else None
         if train_cfg.normalize_decoder:
             sae.project_decoder_gradient()
         grad_norms = _clip_per_member(params, train_cfg.grad_clip, J) if train_cfg.grad_clip else None
