@@ -9,10 +9,10 @@ the paper's disjoint seed blocks.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import copy
 
 import torch
 from torch import Tensor
@@ -104,6 +104,12 @@ class _Residual:
 
     def __init__(self, stages: list, device: torch.device) -> None:
         self.stages = [copy.deepcopy(s).to(device).eval() for s in stages]
+        h = hashlib.sha256()
+        for stage in stages:
+            for tensor in stage.state_dict().values():
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        #: names the earlier stages' weights in the checkpoint fingerprint of the stage trained on this residual
+        self.identity = f"residual of {len(stages)} stages {h.hexdigest()[:16]}"
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
@@ -139,10 +145,13 @@ def train_boosting(
     source = as_source(activations)
     device = resolve_device(device)
     in_memory = isinstance(source, InMemorySource)
-    residual = source.rows if isinstance(source, InMemorySource) else None
+    residual = source.rows if in_memory else None
     stages, histories = [], []
     for j, seed in enumerate(seeds):
-        streamed = {} if in_memory or j == 0 else {"transform": _Residual(stages, device), "transform_id": f"residual of {j} stages"}
+        streamed = {}
+        if not in_memory and j > 0:
+            transform = _Residual(stages, device)
+            streamed = {"transform": transform, "transform_id": transform.identity}
         result = train_sae(
             cfg,
             residual if in_memory else source,
