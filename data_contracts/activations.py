@@ -92,8 +92,9 @@ class ActivationManifest(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="How the activation values are stored: float32, or bfloat16 (half the disk; each value within a "
-        "relative 2^-8 (0.4%) of the float32 one: round to nearest even at 8 significant bits) as its 16 bits in a uint16 column, since Arrow and "
-        "Parquet have no bfloat16 type. Readers always get float32.",
+        "relative 2^-8 (0.4%) of the float32 one: round to nearest even at 8 significant bits), a row's d bfloat16 bit "
+        "patterns as one 2·d-byte fixed-size binary value, since Parquet has no bfloat16 type and stores 16-bit "
+        "integers as INT32. Readers always get float32.",
     )
 
     live_splits: dict[str, list[LiveBlock]] = Field(
