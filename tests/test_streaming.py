@@ -65,15 +65,23 @@ def test_subset_is_exact_distinct_seeded_and_kept_in_file_order():
     assert subset_per_chunk(chunks, None, 0) == chunks == subset_per_chunk(chunks, 458, 0)
 
 
-def test_a_split_within_the_buffer_trains_exactly_as_in_memory(acts_dir):
-    """The default path: the shards are read once and the batches, hence the models, are the in-memory ones bit for bit."""
+def test_a_split_within_the_buffer_trains_exactly_as_in_memory(acts_dir, monkeypatch):
+    """The default path: the shards are read once and the batches, hence the models, are the in-memory ones bit for bit;
+    boosting precomputes its residuals as in memory (never the per-batch recomputation of streamed data, J times the work)."""
+    import sae_core.training.ensembles as ensembles
+
+    def per_batch_residual(*args, **kwargs):
+        raise AssertionError("boosting recomputed residuals per batch on data held in memory")
+
+    monkeypatch.setattr(ensembles, "_Residual", per_batch_residual)
     source = activation_source(acts_dir, "train", None, 0, buffer_mb=64)
     assert not source.streams
     rows = split_tokens(acts_dir, "train", None, 0)
     assert torch.equal(source.in_memory().rows, rows) and rows.shape == (N_TRAIN, D)
-    a = train_bagging(SAE, source, RECIPE, 2, seeds=[5, 6]).ensemble.state_dict()
-    b = train_bagging(SAE, rows, RECIPE, 2, seeds=[5, 6]).ensemble.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for train in (train_bagging, train_boosting):  # boosting: the precomputed residuals of the in-memory path
+        a = train(SAE, source, RECIPE, 2, seeds=[5, 6]).ensemble.state_dict()
+        b = train(SAE, rows, RECIPE, 2, seeds=[5, 6]).ensemble.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), train.__name__
 
 
 def test_streamed_batches_cover_every_row_once_per_epoch_and_members_share_windows(acts_dir):

@@ -143,6 +143,8 @@ def train_boosting(
     if len(seeds) != n_members:
         raise ValueError(f"boosting needs {n_members} seeds, got {seeds}")
     source = as_source(activations)
+    if not source.streams:  # held in memory anyway (e.g. shards that fit the buffer): precompute the residuals
+        source = source.in_memory()
     device = resolve_device(device)
     in_memory = isinstance(source, InMemorySource)
     residual = source.rows if in_memory else None

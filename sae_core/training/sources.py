@@ -132,6 +132,10 @@ class ActivationSource:
         """Every row once, in file order, in batches of exactly ``batch_size`` (the last one shorter)."""
         raise NotImplementedError
 
+    def in_memory(self) -> "InMemorySource":
+        """Every row in RAM (a source that does not stream reads them once)."""
+        raise NotImplementedError
+
 
 def evenly_spaced(n_rows: int, n: int) -> Tensor:
     """The indices of ``min(n, n_rows)`` evenly spaced rows of ``n_rows``."""
@@ -174,6 +178,9 @@ class InMemorySource(ActivationSource):
 
     def iter_batches(self, batch_size: int) -> Iterator[Tensor]:
         yield from self.rows.split(batch_size)
+
+    def in_memory(self) -> "InMemorySource":
+        return self
 
 
 # ----------------------------------------------------------------------------- chunked
