@@ -62,7 +62,7 @@ bench-pipeline: $(STAMP)
 
 # Streamed vs in-memory training throughput, peak RSS of train and evaluate at 1M and 8M
 # tokens of d = 384 (writes 1.5 + 12 GB of scratch shards to a temp dir, removed after;
-# ~15 min), and the paper settings' projection (benchmarks/bench_scale.py)
+# ~28 min, most of it writing the shards), and the paper settings' projection (benchmarks/bench_scale.py)
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py --json runs/bench/scale.json
 

@@ -147,7 +147,12 @@ def _existing_shard_info(directory: Path, rel: str, split: str) -> ShardInfo:
 
 def shard_windows(loaded: LoadedModel, ids: list[list[int]], cfg: ExtractConfig) -> list[Window]:
     """One shard's windows in (document, window) order, the shard's row order (``doc_index`` indexes ``ids``)."""
-    return [w for i, toks in enumerate(ids) for w in make_windows(i, toks, cfg.context_length, loaded.prefix_ids, loaded.suffix_ids)]
+    return document_windows(loaded, ids, cfg.context_length)
+
+
+def document_windows(loaded: LoadedModel, ids: list[list[int]], context_length: int) -> list[Window]:
+    """The windows of documents ``ids`` in (document, window) order (:func:`shard_windows` without a config)."""
+    return [w for i, toks in enumerate(ids) for w in make_windows(i, toks, context_length, loaded.prefix_ids, loaded.suffix_ids)]
 
 
 def _extract_shard(loaded: LoadedModel, ids: list[list[int]], cfg: ExtractConfig, on_batch: Callable[[int], None] | None) -> ActivationBatch:
@@ -171,8 +176,7 @@ def extract_documents(loaded: LoadedModel, texts: list[str], context_length: int
     """The activations [n, d] of ``texts`` in shard row order (document, then position): what
     the extract stage would have written for them as one shard (a live split's reader)."""
     ids = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    windows = [w for i, toks in enumerate(ids) for w in make_windows(i, toks, context_length, loaded.prefix_ids, loaded.suffix_ids)]
-    return extract_in_order(loaded, windows, batch_size, include_special_tokens).activation
+    return extract_in_order(loaded, document_windows(loaded, ids, context_length), batch_size, include_special_tokens).activation
 
 
 class _LogBar:
