@@ -45,10 +45,11 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import unquote
 
 from flows.rundir import LOCK_FILE, RunDirectoryBusy, run_directory_lock
@@ -59,6 +60,7 @@ MANIFEST_FORMAT = 1
 _TEMPORARY = re.compile(r"^(\..+\.(tmp|old)[A-Za-z0-9_]*|checkpoint\.tmp\d+)$")  # as flows.rundir sweeps them
 _NOT_PUBLISHED_AT_ROOT = {LOCK_FILE, PUBLISHED_DIR, ".cache"}  # the mirror's flock, manifests, local caches
 _BLOCK = 1 << 22
+TRANSFER_THREADS = 8  # concurrent downloads, uploads and hashes per pull or push
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +117,58 @@ def _holder_text() -> str:
 
 
 # ---------------------------------------------------------------------------- hashing
-_digests: dict[tuple[str, int, int], str] = {}  # (absolute path, size, mtime_ns) -> sha256, this process
-_digests_guard = threading.Lock()
+class _MirrorDigests:
+    """sha256 of the mirror's files, remembered by (size, mtime) in ``<mirror>/.published/digests.json``.
+
+    So a pull in a fresh worker process does not re-hash a mirror of terabytes to find it current.
+    Several processes may save it at once: the last one wins, and a forgotten entry only costs a re-hash.
+    """
+
+    def __init__(self, mirror: Path) -> None:
+        self.mirror = mirror
+        self.path = mirror / PUBLISHED_DIR / "digests.json"
+        try:
+            self.known: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+        self.dirty = False
+        self.guard = threading.Lock()
+
+    def sha256(self, rel: str) -> str:
+        st = (self.mirror / rel).stat()
+        with self.guard:
+            entry = self.known.get(rel)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        h = hashlib.sha256()
+        with open(self.mirror / rel, "rb") as f:
+            while block := f.read(_BLOCK):
+                h.update(block)
+        self.record(rel, h.hexdigest(), st)
+        return h.hexdigest()
+
+    def record(self, rel: str, sha256: str, st: os.stat_result | None = None) -> None:
+        st = st or (self.mirror / rel).stat()
+        with self.guard:
+            self.known[rel] = [st.st_size, st.st_mtime_ns, sha256]
+            self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}_{threading.get_ident()}")
+        tmp.write_text(json.dumps(self.known, sort_keys=True))
+        os.replace(tmp, self.path)
+        self.dirty = False
 
 
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    with _digests_guard:
-        known = _digests.get(key)
-    if known:
-        return known
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    with _digests_guard:
-        _digests[key] = h.hexdigest()
-    return h.hexdigest()
+def _in_parallel(work: Callable[[Any], Any], items: list) -> list:
+    """work(item) for each item on up to TRANSFER_THREADS threads, results in order; the first error is raised."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(TRANSFER_THREADS, len(items))) as pool:
+        return list(pool.map(work, items))
 
 
 # ------------------------------------------------------------------------ manifests
@@ -206,26 +242,31 @@ class RunStore:
                 found.add(rel)
         return found
 
-    def _read_manifest(self, rel: str) -> dict[str, PublishedFile]:
-        where = self._key(f"{PUBLISHED_DIR}/{_manifest_name(rel)}")
-        try:
-            data = json.loads(self._fs.cat_file(where))
-            return {f: PublishedFile(f, int(e["size"]), str(e["sha256"])) for f, e in data["files"].items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, KeyError, TypeError) as e:
-            raise StorageError(
-                f"publication manifest {self.url}/{PUBLISHED_DIR}/{_manifest_name(rel)} (of {rel}) is unreadable ({e}); "
-                f"republish {rel} (rerun the stage that writes it) or delete that manifest"
-            ) from e
+    def _read_manifests(self, rels: list[str]) -> dict[str, dict[str, PublishedFile]]:
+        """The files each of these paths' manifests lists (read concurrently; a vanished manifest lists nothing)."""
+        keys = {self._key(f"{PUBLISHED_DIR}/{_manifest_name(rel)}"): rel for rel in rels}
+        found = self._fs.cat(list(keys), on_error="omit") if keys else {}
+        manifests: dict[str, dict[str, PublishedFile]] = {rel: {} for rel in rels}
+        for key, data in found.items():
+            rel = keys.get(key) or keys.get(self._fs._strip_protocol(key))
+            if rel is None:
+                continue
+            try:
+                listed = json.loads(data)["files"]
+                manifests[rel] = {f: PublishedFile(f, int(e["size"]), str(e["sha256"])) for f, e in listed.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise StorageError(
+                    f"publication manifest {self.url}/{PUBLISHED_DIR}/{_manifest_name(rel)} (of {rel}) is unreadable ({e}); "
+                    f"republish {rel} (rerun the stage that writes it) or delete that manifest"
+                ) from e
+        return manifests
 
     def _governed(self, rel: str, index: set[str] | None = None) -> dict[str, PublishedFile]:
         """The published files at or under ``rel``, each as its owning (deepest) manifest lists it."""
         index = self._published_index() if index is None else index
         relevant = sorted(p for p in index if _under(rel, p) or _under(p, rel))
-        manifests = {p: self._read_manifest(p) for p in relevant}
         files: dict[str, PublishedFile] = {}
-        for p, entries in manifests.items():
+        for p, entries in self._read_manifests(relevant).items():
             for f, entry in entries.items():
                 if not _under(f, rel):
                     continue
@@ -239,22 +280,34 @@ class RunStore:
         """Bring each published path (a file or a directory prefix) into the mirror; returns the files downloaded.
 
         Only what a publication manifest lists is downloaded, and only where the mirror's copy
-        is missing or differs (sha256); every download is checked against the manifest (size,
-        sha256) before it is renamed into place. A path never published yields nothing (the
-        caller decides whether that is an error). A local store: nothing to do, [].
+        is missing or differs (sha256): a mirror file that differs from the publication is
+        replaced. Every download is checked against the manifest (size, sha256) before it is
+        renamed into place. A path never published yields nothing (the caller decides whether
+        that is an error). Files in the mirror that no publication lists are left alone. A
+        local store: nothing to do, [].
         """
         if not self.remote:
             return []
         index = self._published_index()
-        pulled: list[str] = []
+        wanted: dict[str, PublishedFile] = {}
         for rel in paths:
-            for f, entry in sorted(self._governed(_clean_rel(rel), index).items()):
-                target = self.local / f
-                if target.is_file() and target.stat().st_size == entry.size and _file_sha256(target) == entry.sha256:
-                    continue
-                self._download(entry, target)
-                pulled.append(f)
-        return pulled
+            wanted.update(self._governed(_clean_rel(rel), index))
+        digests = _MirrorDigests(self.local)
+
+        def fetch(entry: PublishedFile) -> bool:
+            target = self.local / entry.rel
+            if target.is_file() and target.stat().st_size == entry.size and digests.sha256(entry.rel) == entry.sha256:
+                return False
+            self._download(entry, target)
+            digests.record(entry.rel, entry.sha256)
+            return True
+
+        try:
+            entries = [wanted[f] for f in sorted(wanted)]
+            fetched = _in_parallel(fetch, entries)
+        finally:
+            digests.save()
+        return [e.rel for e, got in zip(entries, fetched) if got]
 
     def _download(self, entry: PublishedFile, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -282,9 +335,6 @@ class RunStore:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        with _digests_guard:
-            st = target.stat()
-            _digests[(str(target), st.st_size, st.st_mtime_ns)] = entry.sha256
 
     def _local_files(self, rel: str) -> list[str]:
         """The mirror's files at or under ``rel`` that are publishable (no temporaries, lock, manifests or caches)."""
@@ -311,34 +361,47 @@ class RunStore:
         then the objects that the path's earlier publication listed but this one does not are
         deleted, and its descendants' manifests (which this one replaces). A path with no files
         in the mirror is published empty (what was published there disappears). Nothing is
-        renamed on the store. A local store: nothing to do, [].
+        renamed on the store. Refused when this process held the run directory's lease and lost
+        it. A local store: nothing to do, [].
         """
         if not self.remote:
             return []
+        _check_lease_kept(self.url)
+        digests = _MirrorDigests(self.local)
         uploaded: list[str] = []
-        for rel in (_clean_rel(p) for p in paths):
-            index = self._published_index()
-            before = self._governed(rel, index)
-            files = {f: PublishedFile(f, (self.local / f).stat().st_size, _file_sha256(self.local / f)) for f in self._local_files(rel)}
-            self._fs.invalidate_cache(self._root)
-            for f, entry in files.items():
-                if before.get(f) == entry and self._object_size(f) == entry.size:
-                    continue
-                self._fs.put_file(str(self.local / f), self._key(f))
-                uploaded.append(f)
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "path": rel,
-                "files": {f: {"size": e.size, "sha256": e.sha256} for f, e in sorted(files.items())},
-                "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "publisher": _holder_text(),
-            }
-            self._fs.pipe_file(self._key(f"{PUBLISHED_DIR}/{_manifest_name(rel)}"), (json.dumps(manifest, indent=1) + "\n").encode())
-            for p in index:  # replaced by this manifest
-                if p != rel and _under(p, rel):
-                    self._remove(f"{PUBLISHED_DIR}/{_manifest_name(p)}")
-            for f in sorted(set(before) - set(files)):
-                self._remove(f)
+        try:
+            for rel in (_clean_rel(p) for p in paths):
+                uploaded += self._push_one(rel, digests)
+        finally:
+            digests.save()
+        return uploaded
+
+    def _push_one(self, rel: str, digests: _MirrorDigests) -> list[str]:
+        index = self._published_index()
+        before = self._governed(rel, index)
+        names = self._local_files(rel)
+        files = dict(zip(names, _in_parallel(lambda f: PublishedFile(f, (self.local / f).stat().st_size, digests.sha256(f)), names)))
+        self._fs.invalidate_cache(self._root)
+
+        def upload(entry: PublishedFile) -> bool:
+            if before.get(entry.rel) == entry and self._object_size(entry.rel) == entry.size:
+                return False
+            self._fs.put_file(str(self.local / entry.rel), self._key(entry.rel))
+            return True
+
+        entries = [files[f] for f in sorted(files)]
+        uploaded = [e.rel for e, done in zip(entries, _in_parallel(upload, entries)) if done]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "path": rel,
+            "files": {e.rel: {"size": e.size, "sha256": e.sha256} for e in entries},
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "publisher": _holder_text(),
+        }
+        _check_lease_kept(self.url)
+        self._fs.pipe_file(self._key(f"{PUBLISHED_DIR}/{_manifest_name(rel)}"), (json.dumps(manifest, indent=1) + "\n").encode())
+        replaced = [f"{PUBLISHED_DIR}/{_manifest_name(p)}" for p in sorted(index) if p != rel and _under(p, rel)]
+        _in_parallel(self._remove, replaced + sorted(set(before) - set(files)))
         return uploaded
 
     def _object_size(self, rel: str) -> int | None:
@@ -578,19 +641,23 @@ class _Lease:
         self._thread.start()
 
     def _heartbeat(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 self.token = self.cond.replace(self.path, self._payload(), self.token)
+                renewed = time.monotonic()
             except _LeaseLost as e:
-                self.lost = str(e)
-                log.error(
-                    "lost the lease on %s (%s): another run may now write into it; this run's results there cannot be trusted",
-                    self.store.url,
-                    e,
-                )
+                self._lose(f"it was taken or deleted ({e})")
                 return
             except Exception as e:  # a network hiccup: the next beat retries while the lease has time left
+                if time.monotonic() - renewed >= self.ttl_s:
+                    self._lose(f"it could not be renewed for {self.ttl_s:.0f} s, its TTL (last error: {e})")
+                    return
                 log.warning("could not renew the lease on %s: %s", self.store.url, e)
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        log.error("lost the lease on %s: %s; another run may write into it, and this run publishes nothing more", self.store.url, why)
 
     def release(self) -> None:
         self._stop.set()
@@ -602,6 +669,17 @@ class _Lease:
 
 _leases: dict[str, list] = {}  # url -> [_Lease, depth] held by this process
 _leases_guard = threading.Lock()
+
+
+def _check_lease_kept(url: str) -> None:
+    """Raise if this process holds ``url``'s lease but lost it (a worker that holds none is not asked)."""
+    with _leases_guard:
+        entry = _leases.get(url)
+    if entry is not None and entry[0].lost is not None:
+        raise StorageError(
+            f"not publishing into {url}: this run lost its lease {url}/{LOCK_FILE} ({entry[0].lost}), so another run may be "
+            f"writing there; rerun when no other run uses {url}"
+        )
 
 
 @contextmanager

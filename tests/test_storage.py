@@ -6,8 +6,10 @@ the conditional writes (If-None-Match, If-Match) are the store's, not ours.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -175,7 +177,7 @@ def test_a_second_process_is_refused_while_the_lease_is_held_and_renewed_then_ge
             with store.lock():  # re-entrant: the pipeline holds it across its stage flows
                 assert holds_lock(store.local)
             assert child.stdout.readline().strip() == "ready"
-            time.sleep(1.5)  # longer than the TTL: only the heartbeat keeps the lease alive
+            time.sleep(1.3)  # longer than the TTL: only the heartbeat keeps the lease alive
             child.stdin.write("try\n")
             child.stdin.flush()
             answer = child.stdout.readline()
@@ -234,6 +236,35 @@ def test_a_live_foreign_lease_refuses_and_an_expired_one_is_taken_over(s3_bucket
         assert lease["pid"] == os.getpid() and lease["ttl_s"] == 60
         assert swept == [".shard-3.parquet.tmp777"]
     assert "run/.lock" not in _keys(s3_bucket)
+
+
+def test_a_run_that_lost_its_lease_publishes_nothing_more(s3_bucket, tmp_path):
+    url = f"{s3_bucket}/run"
+    bucket = s3_bucket.removeprefix("s3://")
+    store = RunStore.open(url, cache_dir=tmp_path)
+    _write_artifacts(store.local)
+    with store.lock(ttl_s=0.4):  # renewed every 0.1 s
+        store.push(["documents.parquet"])
+        _client().put_object(Bucket=bucket, Key="run/.lock", Body=_foreign_lease(expires_in=300, ttl_s=120))  # taken over
+        time.sleep(0.5)
+        with pytest.raises(StorageError, match=rf"not publishing into {url}: this run lost its lease .*taken or deleted"):
+            store.push(["models"])
+    assert json.loads(_client().get_object(Bucket=bucket, Key="run/.lock")["Body"].read())["pid"] == 999999  # the successor's, untouched
+    assert not RunStore.open(url, cache_dir=tmp_path / "r").exists("models")
+
+
+def test_a_store_travels_to_a_worker_and_remembers_its_mirror_digests(s3_bucket, tmp_path):
+    """Task runners pickle what they send to workers; a worker's pull finds the mirror current from the digests file."""
+    url = f"{s3_bucket}/run"
+    store = RunStore.open(url, cache_dir=tmp_path)
+    files = _write_artifacts(store.local)
+    store.push(["models"])
+    worker = pickle.loads(pickle.dumps(store))
+    assert (worker.url, worker.local, worker.remote) == (store.url, store.local, True)
+    assert worker.pull(["models"]) == []
+    digests = json.loads((store.local / PUBLISHED_DIR / "digests.json").read_text())
+    member = "models/bagging/run=0/member-0.safetensors"
+    assert digests[member][0] == len(files[member]) and digests[member][2] == hashlib.sha256(files[member]).hexdigest()
 
 
 def test_result_storage_points_every_worker_at_the_run_directory(s3_bucket, tmp_path):
