@@ -13,7 +13,7 @@ ordinary expanded SAE trained for longer).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from sae_core.catalog import Catalog
 
@@ -57,6 +57,12 @@ METHODS: tuple[Method, ...] = (
         "random_decoder", "expanded", "one", prefixes=False, matched_width=True,
         label="random decoder (frozen)", color="tab:purple", linestyle="-.",
     ),
+    # SAELens-format SAEs imported by the train stage (train.imported), not trained here:
+    # one SAE per run, or a bagging ensemble of the members listed for a run
+    Method("imported", "single", "one", prefixes=False, matched_width=False, label="imported SAE (SAELens)", color="tab:brown",
+           linestyle="--"),
+    Method("imported_bagging", "bagging", "mean", prefixes=True, matched_width=False, label="imported SAEs, bagged",
+           color="tab:olive"),
 )
 
 #: the raw-activation baseline of the downstream tables (not a trained model)
@@ -64,6 +70,8 @@ RAW = Method("raw", "single", "one", prefixes=False, matched_width=False, label=
 
 MethodName = Literal["single", "expanded", "expanded_compute_matched", "bagging", "boosting", "random_decoder"]
 METHOD_NAMES: tuple[str, ...] = tuple(m.name for m in METHODS)
+#: the methods the train stage trains (train.methods); the others are imported
+TRAINED_METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 ENSEMBLE_KINDS: tuple[str, ...] = ("single", "expanded", "bagging", "boosting")
 #: the raw baseline first (downstream tables), then the trained methods
 _TABLE_ORDER = Catalog((RAW, *METHODS), "method")

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sae_core.metric_catalog import FLOORS, metric_spec
-from sae_core.methods import METHODS, method, method_rank
+from sae_core.methods import METHODS, TRAINED_METHOD_NAMES, method, method_rank
 from tasks.report_doc import NO_VALUE
 from tasks.summaries import format_row_ci
 
-#: methods whose J_max is the largest J scored (the ensembles, scored at every prefix)
-PREFIX_METHODS = [m.name for m in METHODS if m.prefixes]
+#: methods whose J_max is the largest J scored (the trained ensembles, scored at every prefix;
+#: an imported bagging ensemble may hold any number of members)
+PREFIX_METHODS = [m.name for m in METHODS if m.prefixes and m.name in TRAINED_METHOD_NAMES]
 #: connectivity below this is saturated: fewer than 0.1% of latent pairs never fire together
 #: on the tokens evaluated, so what is left measures T and L0, not how the code is organised.
 #: A connectivity whose CI reaches 0 (the fully connected value) counts as saturated too.

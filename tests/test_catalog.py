@@ -21,7 +21,8 @@ from tasks.summaries import format_ci, summarise_over_runs
 
 
 def test_method_and_metric_orders_are_the_declared_ones():
-    assert METHOD_NAMES == ("single", "expanded", "expanded_compute_matched", "bagging", "boosting", "random_decoder")
+    assert METHOD_NAMES == ("single", "expanded", "expanded_compute_matched", "bagging", "boosting", "random_decoder",
+                            "imported", "imported_bagging")
     assert ordered_methods(["boosting", "zzz", "raw", "single"]) == ["raw", "single", "boosting", "zzz"]
     assert method("bagging").alpha == "mean" and method("boosting").alpha == "one" and RAW.name == "raw"
     with pytest.raises(KeyError, match="known methods"):
