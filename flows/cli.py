@@ -6,6 +6,7 @@ Subcommands:
               one stage as a Prefect flow; it reads the earlier stages' artifacts
   synthetic   train every architecture on a synthetic sparse dictionary and report how
               well each recovers it (an end-to-end check of sae_core on this machine).
+  export      write a trained model as SAELens folders (cfg.json + sae_weights.safetensors)
 
 Every stage command takes --config FILE (YAML, default configs/default.yaml), --out DIR
 (default runs/<config name>/) and --force STAGE. Without PREFECT_API_URL the flows run
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from flows.storage import is_remote
 
 
 def _synthetic(args: argparse.Namespace) -> int:
@@ -42,6 +45,23 @@ def _synthetic(args: argparse.Namespace) -> int:
 STAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from flows.interop import export_run_model
+
+    try:
+        result = export_run_model(args.run_dir, args.method, args.run, args.out, member=args.member, one_sae_only=args.one_sae,
+                                  fmt=args.format)
+    except STAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for folder, what in result.folders.items():
+        print(f"{Path(args.out) / folder}: {what}")
+    if result.not_one_sae:
+        print(f"not exported as one SAE: {result.not_one_sae}")
+    print(f"load with: sae_lens.SAE.load_from_disk('{Path(args.out) / next(iter(result.folders))}')")
+    return 0
+
+
 def _load(args: argparse.Namespace):
     """(config, run_dir) from --config/--out, or None after printing the config error."""
     from flows.configs import ConfigError, load_pipeline_config
@@ -51,7 +71,17 @@ def _load(args: argparse.Namespace):
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return None
-    return cfg, Path(args.out or Path("runs") / cfg.name)
+    out = args.out or str(Path("runs") / cfg.name)
+    return cfg, (out if is_remote(out) else Path(out))
+
+
+def _report_path(run_dir, cfg) -> str:
+    """Where report.html is: in the run directory, or for one on object storage its URL and the local mirror's copy."""
+    if not is_remote(run_dir):
+        return str(Path(run_dir).resolve() / "report" / "report.html")
+    from flows.stages import open_store
+
+    return f"{run_dir}/report/report.html (local copy: {open_store(run_dir, cfg.orchestration).local / 'report' / 'report.html'})"
 
 
 def _print_extract(outcome, run_dir: Path) -> None:
@@ -82,16 +112,21 @@ def _stage_command(args: argparse.Namespace) -> int:
               f"stage after it use `sae-ensembles run --force {args.force}`", file=sys.stderr)
         return 2
     try:
-        outcome = STAGE_FLOWS[stage](config=stage_section(cfg, stage), run_dir=str(run_dir), force=args.force == stage)
+        extra = {} if stage == "report" else {"orchestration": cfg.orchestration}
+        outcome = STAGE_FLOWS[stage](config=stage_section(cfg, stage), run_dir=str(run_dir), force=args.force == stage, **extra)
     except STAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if stage == "extract":
+        if is_remote(run_dir):
+            from flows.stages import open_store
+
+            run_dir = open_store(run_dir, cfg.orchestration).local
         _print_extract(outcome, run_dir)
     else:
         _print_outcomes({stage: outcome}, run_dir)
         if stage == "report":
-            print(f"report: {run_dir.resolve() / 'report' / 'report.html'}")
+            print(f"report: {_report_path(run_dir, cfg)}")
     return 0
 
 
@@ -108,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_outcomes(outcomes, run_dir)
-    print(f"report: {run_dir.resolve() / 'report' / 'report.html'} (and report.md beside it)")
+    print(f"report: {_report_path(run_dir, cfg)} (and report.md beside it)")
     return 0
 
 
@@ -121,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="seed of the data and the SAEs (default: 0)")
     syn.add_argument("--arch", action="append", help="architecture to train (repeatable; default: all)")
     syn.set_defaults(handler=_synthetic)
+    exp = sub.add_parser("export", help="write a trained model as SAELens folders",
+                         description="Write models/<METHOD>/run=<R>/ of RUN_DIR as SAELens folders (SAE.load_from_disk reads "
+                         "them): every member as OUT/member_<jj>/, and a bagging ensemble of ReLU, JumpReLU, BatchTopK or gated "
+                         "members also as one SAE, OUT/ensemble/ (Proposition 1). TopK and boosting ensembles: members only.")
+    exp.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (runs/<name>)")
+    exp.add_argument("--method", required=True, help="model directory under models/: bagging, boosting, single, expanded_J<J>, imported, ...")
+    exp.add_argument("--run", type=int, default=0, help="run r (default: 0)")
+    exp.add_argument("--member", type=int, help="export only member J, to OUT itself")
+    exp.add_argument("--one-sae", action="store_true", help="export only the ensemble as one SAE (OUT/ensemble/); refused, "
+                     "saying why, for TopK members and boosting")
+    exp.add_argument("--format", default="saelens", choices=["saelens"], help="output format (default: saelens)")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.set_defaults(handler=_export)
     from flows.stages import STAGES
 
     helps = {

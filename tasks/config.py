@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from sae_core.config import ArchitectureName, TrainConfig
 from sae_core.devices import DEVICE_SETTINGS, check_device_setting
-from sae_core.methods import METHOD_NAMES, MethodName
+from sae_core.methods import TRAINED_METHOD_NAMES, MethodName
 
 
 class _Strict(BaseModel):
@@ -93,6 +93,26 @@ class ExtractConfig(_Strict):
 # --------------------------------------------------------------------------- training
 
 
+class ImportedSAE(_Strict):
+    """A SAELens-format folder (cfg.json + sae_weights.safetensors: a pretrained SAE a user
+    downloaded, or one trained with SAELens) that the train stage imports as a model, so
+    evaluate, downstream and report treat it like the SAEs trained here (SPEC §13)."""
+
+    path: str = Field(description="The SAELens folder (what sae_lens' SAE.save_model writes).")
+    role: Literal["single", "bagging"] = Field(
+        default="single",
+        description="single: the SAE is one model, method 'imported' (models/imported/run=<run>); bagging: a member of "
+        "the bagging ensemble of run <run>, method 'imported_bagging' (members in the order listed, α = 1/J).",
+    )
+    run: int = Field(default=0, ge=0, description="The run r it belongs to (several runs give stability metrics across them).")
+    hook_name: str | None = Field(
+        default=None, description="If set, the folder's cfg.json must name this hook (metadata.hook_name), or the import fails."
+    )
+    layer: int | None = Field(
+        default=None, ge=0, description="If set, the extraction's layer (extract.layer) must be this one, or the import fails."
+    )
+
+
 class TrainStageConfig(_Strict):
     """The training stage: S independent runs of every method on the train split.
 
@@ -122,8 +142,13 @@ class TrainStageConfig(_Strict):
         "J·d_sae, trained encoder, the sparsity of J members) is trained; default: 1 and every expanded size.",
     )
     methods: list[MethodName] = Field(
-        default_factory=lambda: list(METHOD_NAMES),
-        description=f"Methods to train ({', '.join(METHOD_NAMES)}).",
+        default_factory=lambda: list(TRAINED_METHOD_NAMES),
+        description=f"Methods to train ({', '.join(TRAINED_METHOD_NAMES)}).",
+    )
+    imported: list[ImportedSAE] = Field(
+        default_factory=list,
+        description="SAELens-format folders imported as models beside the trained ones (methods 'imported' and "
+        "'imported_bagging'); their d_in must be the extraction's d.",
     )
     max_train_tokens: int | None = Field(default=None, gt=0, description="Use at most this many train tokens.")
     device: DeviceSetting = _device_field("training")
@@ -216,6 +241,11 @@ class EvaluateConfig(_Strict):
 
 
 # ------------------------------------------------------------------------- downstream
+#: the downstream stage's default sae-probes tasks (topic, sentiment, entity/fact, syntax, code, ...; see DownstreamConfig)
+SAE_PROBES_DEFAULT_TASKS = ("all",)
+SAE_PROBES_DOCUMENTS_PER_CLASS = 30
+
+
 class DownstreamConfig(_Strict):
     """Concept detection (sparse probing) and spurious correlation removal (SPEC §7).
 
@@ -244,9 +274,32 @@ class DownstreamConfig(_Strict):
     scr_n_ablated: list[int] = Field(
         default_factory=lambda: [2, 5, 10, 20, 50, 100], min_length=1, description="Latents ablated (n)."
     )
-    scr_min_cell: int = Field(default=20, gt=0, description="Fewest paragraphs a (topic, gender) cell may hold.")
+    scr_min_cell: int = Field(default=20, gt=0, description="Fewest rows (paragraphs, names) a (y, z) cell of an SCR set may hold.")
     scr_max_documents_per_cell: int = Field(
-        default=30, gt=0, description="SCR: cap on the paragraphs per (topic, gender) cell and split."
+        default=30, gt=0, description="SCR: cap on the rows per (y, z) cell and split (splits take whole documents)."
+    )
+    sae_probes_tasks: list[str] = Field(
+        default_factory=lambda: list(SAE_PROBES_DEFAULT_TASKS),
+        description="Binary tasks of the sae-probes benchmark (Kantamneni et al.) for sparse probing, by tag (glue_sst2), "
+        "file name (92_glue_sst2) or 'all' (all 113); [] for none. Needs the package sae-probes.",
+    )
+    sae_probes_documents_per_class: int = Field(
+        default=SAE_PROBES_DOCUMENTS_PER_CLASS, gt=0,
+        description="sae-probes tasks: documents per class in each of train and test (balanced, seeded; repeated prompts kept once).",
+    )
+    scr_sae_probes: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("hist_fig_ismale", "hist_fig_isamerican"), ("hist_fig_ismale", "hist_fig_ispolitician")],
+        description="SCR sets from two sae-probes tasks over the same texts: (target y task, spurious z task).",
+    )
+    scr_planted: list[str] = Field(
+        default_factory=lambda: ["glue_sst2"],
+        description="SCR sets with a planted spurious cue: sae-probes tasks whose texts of z = 1 (half of each class) start "
+        "with a fixed phrase, so the spurious feature is known.",
+    )
+    scr_min_headroom: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="SCR pairs whose A_oracle - A_base is below this have no headroom: shown as such, left out of every "
+        "mean and figure (their score would divide by noise).",
     )
     batch_size: int = Field(default=32, gt=0, description="Documents per forward pass of the language model.")
     device: DeviceSetting = _device_field("the language model and the SAEs")
@@ -271,6 +324,46 @@ class ReportConfig(_Strict):
     ``evaluate.top_contexts``); nothing in it is configurable yet."""
 
 
+# --------------------------------------------------------------------------- orchestration
+
+#: stages whose work fans out into units (tasks.units); the others run in the flow's process
+UNIT_STAGES = ("train", "evaluate")
+
+
+class Resources(_Strict):
+    """What one unit of a stage asks of a worker (Ray: task options; Dask: worker resources)."""
+
+    cpus: float = Field(default=1, gt=0, description="CPU cores per unit (Ray num_cpus; Dask: the local cluster's threads per worker).")
+    gpus: float = Field(default=0, ge=0, description="GPUs per unit; fractions share a GPU (0.5: two units per GPU, as the paper's authors ran). "
+                        "Ray: num_gpus; Dask: the worker resource 'GPU' (start workers with --resources GPU=N).")
+
+
+class OrchestrationConfig(_Strict):
+    """Where the units of work run (SPEC §9, §12). Results never depend on it: it is in no cache key or fingerprint."""
+
+    runner: Literal["local", "process", "ray", "dask"] = Field(
+        default="local",
+        description="local: every unit in the flow's process, one after another. process: a pool of worker processes (Prefect's "
+        "ProcessPoolTaskRunner). ray / dask: Prefect's RayTaskRunner / DaskTaskRunner, on the cluster at `address` or on a local "
+        "cluster of `workers` processes.",
+    )
+    workers: int = Field(default=2, ge=1, description="Worker processes of the process pool or of a local Ray/Dask cluster.")
+    address: str | None = Field(default=None, description="An existing cluster: Ray's address (ray://host:10001 or auto), or the "
+                                "Dask scheduler's (tcp://host:8786). None starts a local one.")
+    resources: dict[Literal["train", "evaluate"], Resources] = Field(
+        default_factory=dict, description="Per-stage resources of one unit (default: 1 CPU, no GPU)."
+    )
+    retries: int = Field(default=2, ge=0, description="Prefect retries of a failed unit (a worker lost mid-unit is also "
+                         "rescheduled by Ray/Dask themselves); a retried unit gives the same result.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of an object-store run directory "
+                                            "(e.g. {endpoint_url: ..., key: ..., secret: ...}); credentials from the environment otherwise.")
+    cache_dir: str | None = Field(default=None, description="Local mirror of an object-store run directory (default "
+                                  "$SAE_ENSEMBLES_CACHE or ~/.cache/sae-ensembles/mirrors/<hash of the URL>).")
+
+    def resources_of(self, stage: str) -> Resources:
+        return self.resources.get(stage, Resources())
+
+
 class PipelineConfig(_Strict):
     """A whole run: one section per stage (each stage reads only its own section)."""
 
@@ -284,3 +377,6 @@ class PipelineConfig(_Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Where units of work run (local by default); never changes a result."
+    )

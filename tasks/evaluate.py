@@ -29,11 +29,11 @@ from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metric
 from sae_core.io import load_ensemble
 from sae_core.models import NotACausalLM
 from sae_core.devices import resolve_device
-from sae_core.training.sources import ActivationSource
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, FIGURES_DIR, METRICS_DIR, ModelDir, StageResult, activation_source, discover_models
 from tasks.progress import ProgressLog
 from tasks.config import EvaluateConfig
 from tasks.summaries import summarise_over_runs
+from tasks.units import Unit, UnitExecutor, executor_or_default
 
 INTRINSIC_FILE = "intrinsic.parquet"
 SUMMARY_FILE = "summary.parquet"
@@ -146,53 +146,83 @@ def summarise(frame: pd.DataFrame, confidence: float) -> pd.DataFrame:
     return summarise_over_runs(frame, ["method", "n_members", "metric"], "value", confidence)
 
 
-def _model_rows(model: ModelDir, run_dir: Path, acts: ActivationSource, d: int, cfg: EvaluateConfig,
-                dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], device: torch.device) -> list[dict]:
-    """Every prefix's reconstruction and dictionary metrics, on ``device``; records each prefix's dictionary."""
+def _load_checked(model: ModelDir, run_dir: Path, d: int, device: torch.device):
     directory = model.path(run_dir)
     ens = load_ensemble(directory).to(device)
     if ens.d_in != d:
         raise ValueError(
             f"{directory} was trained on d={ens.d_in} activations but {run_dir / ACTIVATIONS_DIR} has d={d}; retrain (train stage)"
         )
+    return ens
+
+
+def _open_split(cfg: EvaluateConfig, run_dir: Path):
+    acts_dir = run_dir / ACTIVATIONS_DIR
+    manifest = validate_activations(acts_dir, splits=(cfg.split,))
+    # streamed shard by shard for every model: memory independent of the number of tokens
+    return manifest, activation_source(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED, manifest=manifest)
+
+
+def evaluate_unit(run_dir: Path, cfg: EvaluateConfig, model: ModelDir, *, data=None) -> list[dict]:
+    """One model's unit of work: every prefix's reconstruction and dictionary metrics, on
+    ``cfg.device``, as metric rows. data: (manifest, source) already opened in process."""
+    run_dir = Path(run_dir)
+    manifest, acts = data if data is not None else _open_split(cfg, run_dir)
+    ens = _load_checked(model, run_dir, manifest.d, resolve_device(cfg.device))
     with torch.no_grad():
         recon = prefix_reconstruction_metrics(ens, acts.iter_batches(cfg.batch_size))
     d_sae = ens.member_cfg.d_sae
     rows = []
     for n, J in model.prefixes(ens.n_members):
         W = ens.W_dec[: n * d_sae].detach()
-        dictionaries[model.method, J][model.run] = W
         rows += _rows(model.method, J, model.run, {**recon[n].as_dict(), **dictionary_metrics(W, cfg.diversity_threshold)})
     return rows
 
 
-def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool = True) -> StageResult:
+def _dictionaries(models: list[ModelDir], run_dir: Path, d: int, device: torch.device) -> dict[tuple[str, int], dict[int, torch.Tensor]]:
+    """(method, J) -> run -> the decoder of that prefix: what the stability metrics compare across runs."""
+    dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]] = defaultdict(dict)
+    for model in models:
+        ens = _load_checked(model, run_dir, d, device)
+        d_sae = ens.member_cfg.d_sae
+        for n, J in model.prefixes(ens.n_members):
+            dictionaries[model.method, J][model.run] = ens.W_dec[: n * d_sae].detach()
+    return dictionaries
+
+
+def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool = True, executor: UnitExecutor | None = None) -> StageResult:
     """Score every saved model on ``cfg.split``; see the module docstring."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    acts_dir = run_dir / ACTIVATIONS_DIR
-    manifest = validate_activations(acts_dir, splits=(cfg.split,))
-    # streamed shard by shard for every model: memory independent of the number of tokens
-    acts = activation_source(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED, manifest=manifest)
+    executor = executor_or_default(executor, run_dir)
+    manifest, acts = _open_split(cfg, run_dir)
     models = discover_models(run_dir)
     device = resolve_device(cfg.device)
     result = StageResult(stage="evaluate", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
     result.notes.append(f"evaluated on the {cfg.split} split: T = {acts.n_rows} tokens, streamed from its shards, on {device}")
 
-    rows: list[dict] = []
-    dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]] = defaultdict(dict)
-    iterator = models
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(models, desc="evaluate", unit="model")
+        bar = tqdm(total=len(models), desc="evaluate", unit="model")
     log = ProgressLog("evaluate", len(models), "models", tokens_per_unit=acts.n_rows, enabled=not progress)
-    for model in iterator:
-        rows += _model_rows(model, run_dir, acts, manifest.d, cfg, dictionaries, device)
-        result.read.append(model.relative)
-        log.advance(1, model.relative)
+
+    def finished(unit: Unit, _rows: list[dict]) -> None:
+        if bar is not None:
+            bar.update(1)
+        log.advance(1, unit.label)
+
+    data = {"data": (manifest, acts)} if executor.in_process else {}
+    units = [Unit(evaluate_unit, {"cfg": cfg, "model": model, **data}, f"evaluate {model.name}/run={model.run}",
+                  reads=(ACTIVATIONS_DIR, model.relative)) for model in models]
+    rows: list[dict] = [row for model_rows in executor.run("evaluate", units, on_done=finished) for row in model_rows]
+    result.read += [model.relative for model in models]
+    if bar is not None:
+        bar.close()
     log.finish()
-    stab_rows, notes = _stability_rows(dictionaries, cfg)
+    # metrics that compare runs, once every model of a method exists
+    stab_rows, notes = _stability_rows(_dictionaries(models, run_dir, manifest.d, device), cfg)
     rows += stab_rows
     result.notes += notes
     if cfg.ce_loss:

@@ -21,7 +21,9 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, MANIFEST_FILE, StageResult
+from tasks.config import UNIT_STAGES
 from tasks.stage_state import STAGES, write_stamp
+from tasks.units import UnitExecutor
 
 # ------------------------------------------------------------------------- the task
 def _key_from_parameters(context: Any, parameters: dict[str, Any]) -> str:
@@ -88,8 +90,10 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str]] = {
 }
 
 
-def call_stage(stage: str, section: BaseModel, run_dir: Path, *, progress: bool, on_progress: Callable[[float, str], None] | None = None) -> StageResult:
-    """Call the plain stage function (no Prefect inside); its module is imported when needed."""
+def call_stage(stage: str, section: BaseModel, run_dir: Path, *, progress: bool, on_progress: Callable[[float, str], None] | None = None,
+               executor: UnitExecutor | None = None) -> StageResult:
+    """Call the plain stage function; its module is imported when needed. ``executor`` runs the
+    units of the stages that fan out (:data:`tasks.config.UNIT_STAGES`; default: in process)."""
     if stage not in STAGE_FUNCTIONS:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
     module, name = STAGE_FUNCTIONS[stage]
@@ -97,17 +101,21 @@ def call_stage(stage: str, section: BaseModel, run_dir: Path, *, progress: bool,
     kwargs: dict[str, Any] = {"progress": progress}
     if on_progress is not None:
         kwargs["on_progress"] = on_progress
+    if executor is not None and stage in UNIT_STAGES:
+        kwargs["executor"] = executor
     output = function(section, run_dir, **kwargs)
     return _extraction_result(output, run_dir) if stage == "extract" else output
 
 
 @task(name="run-stage", task_run_name="{stage}", persist_result=True, cache_key_fn=_key_from_parameters)
-def run_stage(stage: str, section: BaseModel, run_dir: str, cache_key: str, progress: bool = False) -> StageResult:
-    """Run one stage and stamp its outputs. Cached on ``cache_key`` (see module docstring)."""
+def run_stage(stage: str, section: BaseModel, run_dir: str, cache_key: str, progress: bool = False,
+              executor: UnitExecutor | None = None) -> StageResult:
+    """Run one stage and stamp its outputs. Cached on ``cache_key`` (see module docstring);
+    ``executor`` (where its units run) is not part of the key: it never changes a result."""
     run_dir_p = Path(run_dir)
     start = time.perf_counter()
     on_progress = _ProgressReporter(f"{artifact_slug(run_dir_p)}-train-progress") if stage == "train" else None
-    result = call_stage(stage, section, run_dir_p, progress=progress, on_progress=on_progress)
+    result = call_stage(stage, section, run_dir_p, progress=progress, on_progress=on_progress, executor=executor)
     if on_progress is not None:
         on_progress(1.0, "done")
     result.seconds = result.seconds or time.perf_counter() - start

@@ -66,13 +66,13 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 
 # The source files each stage's results depend on (globs), besides sae_core/, data_contracts/
 # and the shared tasks modules.
-_SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/summaries.py", "tasks/progress.py")
+_SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/summaries.py", "tasks/progress.py", "tasks/units.py")
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "extract": ("tasks/extract.py", "tasks/sources.py"),
-    "train": ("tasks/train.py", "tasks/live_activations.py", "tasks/extract.py"),
+    "train": ("tasks/train.py", "tasks/live_activations.py", "tasks/extract.py", "tasks/interop.py"),
     "evaluate": ("tasks/evaluate.py", "tasks/figures.py", "tasks/top_contexts.py"),
     "downstream": ("tasks/downstream*.py", "tasks/labelled.py", "tasks/sources.py", "tasks/extract.py", "tasks/figures.py"),
-    "report": ("tasks/report*.py", "tasks/claims.py"),
+    "report": ("tasks/report*.py", "tasks/claims.py", "tasks/interop.py"),
 }
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,9 @@ def outputs_fingerprint(run_dir: Path, stage: str, hashes: _HashCache | None = N
 
 
 def _section_json(section: BaseModel) -> str:
-    return json.dumps(section.model_dump(mode="json"), sort_keys=True)
+    # where units run never changes a result (the report's section is the whole config)
+    exclude = {"orchestration"} if "orchestration" in type(section).model_fields else None
+    return json.dumps(section.model_dump(mode="json", exclude=exclude), sort_keys=True)
 
 
 def stage_cache_key(stage: str, section: BaseModel, run_dir: str | Path) -> str:

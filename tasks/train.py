@@ -47,6 +47,7 @@ from sae_core.training.sources import ActivationSource
 from tasks.common import ACTIVATIONS_DIR, ModelDir, StageResult, activation_source
 from tasks.config import TrainStageConfig
 from tasks.progress import ProgressLog
+from tasks.units import Unit, UnitExecutor, executor_or_default
 
 ProgressCallback = Callable[[float, str], None]
 CHECKPOINTS_DIR = ".checkpoints"
@@ -242,37 +243,63 @@ class _Progress:
             self.log.finish()
 
 
-def run_training(
-    cfg: TrainStageConfig,
-    run_dir: str | Path,
-    *,
-    progress: bool = True,
-    on_progress: ProgressCallback | None = None,
-) -> StageResult:
-    """Train (or reuse) every model of ``cfg`` from ``run_dir/activations``; see the module docstring."""
-    start = time.perf_counter()
-    run_dir = Path(run_dir)
+def training_units(jobs: list[TrainingJob]) -> list[list[TrainingJob]]:
+    """The stage's units of work, in training order: per run, bagging with the single SAE
+    (bagging's member 0), boosting as one chain, and every other model alone."""
+    groups: list[list[TrainingJob]] = []
+    bagging_group: dict[int, list[TrainingJob]] = {}
+    for job in jobs:
+        if job.method == "bagging":
+            bagging_group[job.run] = [job]
+            groups.append(bagging_group[job.run])
+        elif job.method == "single" and job.run in bagging_group:
+            bagging_group[job.run].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+@dataclass(frozen=True)
+class UnitOutcome:
+    """What a training unit did, per model: (relative path, 'reused' | 'trained', note)."""
+
+    models: tuple[tuple[str, str, str], ...]
+    seconds: float
+
+
+def _train_source(cfg: TrainStageConfig, run_dir: Path, device: torch.device):
     acts_dir = run_dir / ACTIVATIONS_DIR
     manifest = validate_activations(acts_dir, splits=("train",))
-    device = resolve_device(cfg.device)
     acts = activation_source(acts_dir, "train", cfg.max_train_tokens, seed=0, manifest=manifest, device=device,
                              buffer_mb=cfg.shuffle_buffer_mb if cfg.activations == "stream" else None)
-    sae_cfg = member_config(cfg, manifest.d)
+    return manifest, acts
+
+
+def _data_fingerprint(cfg: TrainStageConfig, manifest, acts: ActivationSource) -> str:
     # batches drawn through windows smaller than the data differ from in-memory ones
-    data_fp = f"{manifest.config_fingerprint}:{cfg.max_train_tokens}" + (f":windows of {acts.buffer_rows} rows" if acts.streams else "")
+    return f"{manifest.config_fingerprint}:{cfg.max_train_tokens}" + (f":windows of {acts.buffer_rows} rows" if acts.streams else "")
+
+
+def train_unit(run_dir: Path, cfg: TrainStageConfig, jobs: tuple[TrainingJob, ...], *, data=None, bar: "_Progress | None" = None) -> UnitOutcome:
+    """Train (or reuse) the models of one unit; see :func:`training_units`.
+
+    data: (manifest, source) already opened by an in-process stage; a worker opens its own
+    (the same split, the same seeded subset: the batches do not depend on where it runs).
+    bar: the stage's progress in process; a worker logs its own progress lines.
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    manifest, acts = data if data is not None else _train_source(cfg, run_dir, device)
+    sae_cfg = member_config(cfg, manifest.d)
+    data_fp = _data_fingerprint(cfg, manifest, acts)
     recipe_dump = cfg.recipe.model_dump(exclude={"seed", "checkpoint_every", "log_every"})
-
-    jobs = plan_jobs(cfg)
     steps = cfg.recipe.n_steps
-    bar = _Progress(sum(job.cost * steps for job in jobs), progress, on_progress, cfg.recipe.batch_size)
-    result = StageResult(stage="train", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
-    how = (f"streamed through a shuffle buffer of {acts.buffer_rows:,} rows ({cfg.shuffle_buffer_mb} MB)" if acts.streams
-           else "held in memory")
-    if manifest.is_live("train"):
-        how += f", computed by {manifest.model} as it is read (extract.store_train: false)"
-    result.notes.append(f"read the train split: {acts.n_rows} tokens, d={manifest.d}, {how}; trained on {device}")
+    own_bar = bar is None
+    if own_bar:
+        bar = _Progress(sum(job.cost * steps for job in jobs), False, None, cfg.recipe.batch_size)
     trained_bagging: dict[int, EnsembleTrainResult] = {}
-
+    done: list[tuple[str, str, str]] = []
     for job in jobs:
         directory = job.model.path(run_dir)
         name = f"{directory.parent.name}/{directory.name}"
@@ -282,7 +309,7 @@ def run_training(
             if job.method == "bagging":
                 trained_bagging[job.run] = EnsembleTrainResult(existing, load_training_history(directory) or [])
             bar.advance(job.cost * steps, trained=False)
-            result.notes.append(f"{name}: up to date, reused")
+            done.append((job.model.relative, "reused", f"{name}: up to date, reused"))
             bar.report(f"{name}: reused")
             continue
 
@@ -307,10 +334,80 @@ def run_training(
         ens.info = ens.info.updated(fingerprint=fingerprint, run=job.run, method=job.method, train_tokens=int(acts.n_rows))
         save_ensemble(ens, directory, histories=trained.histories or None)
         shutil.rmtree(context.checkpoint, ignore_errors=True)
-        result.written.append(job.model.relative)
+        done.append((job.model.relative, "trained", ""))
         bar.report(f"{name}: saved")
+    if own_bar:
+        bar.close()
+    return UnitOutcome(tuple(done), time.perf_counter() - start)
+
+
+def run_training(
+    cfg: TrainStageConfig,
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    on_progress: ProgressCallback | None = None,
+    executor: UnitExecutor | None = None,
+) -> StageResult:
+    """Train (or reuse) every model of ``cfg`` from ``run_dir/activations``; see the module docstring.
+
+    The models are trained in units (:func:`training_units`) by ``executor`` (default: one
+    after another in this process, sharing one read of the split).
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    executor = executor_or_default(executor, run_dir)
+    device = resolve_device(cfg.device)
+    manifest, acts = _train_source(cfg, run_dir, device)
+    sae_cfg = member_config(cfg, manifest.d)
+    data_fp = _data_fingerprint(cfg, manifest, acts)
+    recipe_dump = cfg.recipe.model_dump(exclude={"seed", "checkpoint_every", "log_every"})
+
+    jobs = plan_jobs(cfg)
+    steps = cfg.recipe.n_steps
+    bar = _Progress(sum(job.cost * steps for job in jobs), progress, on_progress, cfg.recipe.batch_size)
+    result = StageResult(stage="train", read=[ACTIVATIONS_DIR], validated=[ACTIVATIONS_DIR])
+    how = (f"streamed through a shuffle buffer of {acts.buffer_rows:,} rows ({cfg.shuffle_buffer_mb} MB)" if acts.streams
+           else "held in memory")
+    if manifest.is_live("train"):
+        how += f", computed by {manifest.model} as it is read (extract.store_train: false)"
+    result.notes.append(f"read the train split: {acts.n_rows} tokens, d={manifest.d}, {how}; trained on {device}")
+
+    units = []
+    for group in training_units(jobs):
+        fresh = all(_existing(job.model.path(run_dir), job.fingerprint(sae_cfg, recipe_dump, data_fp)) is not None for job in group)
+        if fresh and not executor.in_process:  # nothing to train: no worker needed
+            for job in group:
+                bar.advance(job.cost * steps, trained=False)
+                result.notes.append(f"{job.model.name}/run={job.run}: up to date, reused")
+            continue
+        kwargs: dict = {"cfg": cfg, "jobs": tuple(group)}
+        if executor.in_process:
+            kwargs.update(data=(manifest, acts), bar=bar)
+        reads = (ACTIVATIONS_DIR, *(j.model.relative for j in group))  # its own models: reused when up to date
+        label = " + ".join(f"{j.model.name}/run={j.run}" for j in group)
+        units.append(Unit(train_unit, kwargs, f"train {label}", reads=reads, writes=tuple(j.model.relative for j in group),
+                          cost=sum(job.cost * steps for job in group)))
+
+    def finished(unit: Unit, outcome: UnitOutcome) -> None:
+        if not executor.in_process:
+            bar.advance(unit.cost)
+            bar.report(f"{unit.label}: done in {outcome.seconds:.1f} s")
+
+    for outcome in executor.run("train", units, on_done=finished):
+        for relative, what, note in outcome.models:
+            if what == "trained":
+                result.written.append(relative)
+            else:
+                result.notes.append(note)
     bar.close()
     shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    if cfg.imported:  # SAELens folders listed in the config become models like the trained ones
+        from tasks.interop import import_saelens_models
+
+        imported, notes = import_saelens_models(cfg.imported, run_dir, manifest)
+        result.written += imported
+        result.notes += notes
     result.did_work = bool(result.written)
     result.notes.insert(
         0,
