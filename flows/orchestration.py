@@ -39,8 +39,15 @@ log = logging.getLogger(__name__)
 
 @task(name="unit", persist_result=False, retry_delay_seconds=1)
 def run_unit(function: Callable[..., Any], kwargs: dict[str, Any], run_dir: str, reads: tuple[str, ...], writes: tuple[str, ...],
-             cache_dir: str | None = None, storage_options: dict | None = None) -> Any:
-    """One unit on a worker: pull its inputs, run it on the worker's copy of the run directory, publish its outputs."""
+             cache_dir: str | None = None, storage_options: dict | None = None, threads: int | None = None) -> Any:
+    """One unit on a worker: pull its inputs, run it on the worker's copy of the run directory, publish its outputs.
+
+    threads: torch's intra-op threads, the unit's CPU request (workers sharing a machine do not
+    oversubscribe its cores; Ray sets OMP_NUM_THREADS the same way)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     store = RunStore.open(run_dir, cache_dir=cache_dir, storage_options=storage_options)
     store.pull(reads)
     result = function(store.local, **kwargs)
@@ -119,7 +126,8 @@ class TaskRunnerExecutor:
             for i, unit in enumerate(units):
                 unit_task = run_unit.with_options(name=f"{stage}-unit", task_run_name=unit.label, retries=self.orch.retries)
                 parameters = {"function": unit.function, "kwargs": unit.kwargs, "run_dir": self.store.url, "reads": unit.reads,
-                              "writes": unit.writes, "cache_dir": self.orch.cache_dir, "storage_options": self.orch.storage_options or None}
+                              "writes": unit.writes, "cache_dir": self.orch.cache_dir, "storage_options": self.orch.storage_options or None,
+                              "threads": max(1, int(self.orch.resources_of(stage).cpus))}
                 with _resources(self.orch, stage):
                     futures[runner.submit(unit_task, parameters)] = i
             for future in as_completed(list(futures)):
