@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale gpu-check clean
+.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale bench-scaleout gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-pipeline: $(STAMP)
 # ~28 min, most of it writing the shards), and the paper settings' projection (benchmarks/bench_scale.py)
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py --json runs/bench/scale.json
+
+# The smoke train stage on 1 vs 2 worker processes (models checked identical) and the
+# speed-up the paper configs can expect from their units of work (~10 min; benchmarks/bench_scaleout.py)
+bench-scaleout: $(STAMP)
+	$(PY) benchmarks/bench_scaleout.py --json runs/bench/scaleout.json
 
 # On a machine with a CUDA GPU (never needed by `make test`): the device-parametrised tests
 # run there too, then the streamed/in-memory training throughput and the connectivity cost

@@ -1,7 +1,8 @@
 """Units of work on Prefect's task runners: a process pool, Ray or Dask (SPEC §9, §12).
 
 The config's ``orchestration`` section picks the runner; :func:`unit_executor` turns it
-into the :class:`tasks.units.UnitExecutor` a stage hands its units to. ``local`` keeps
+into the :class:`tasks.units.UnitExecutor` a stage hands its units to (extraction: ranges of
+shards; training: one unit per (method, run); evaluation: one per model). ``local`` keeps
 today's behaviour (every unit in the flow's process, one after another); the others submit
 each unit as a Prefect task (``<stage>-unit``, named after the unit) to
 
@@ -31,7 +32,7 @@ from typing import Any, Callable, Sequence
 from prefect import task
 
 from flows.storage import RunStore
-from tasks.config import OrchestrationConfig, Resources
+from tasks.config import UNIT_STAGES, OrchestrationConfig, Resources
 from tasks.units import Unit, UnitDone, UnitExecutor
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ def run_unit(function: Callable[..., Any], kwargs: dict[str, Any], run_dir: str,
              cache_dir: str | None = None, storage_options: dict | None = None, threads: int | None = None) -> Any:
     """One unit on a worker: pull its inputs, run it on the worker's copy of the run directory, publish its outputs.
 
-    threads: torch's intra-op threads, the unit's CPU request (workers sharing a machine do not
-    oversubscribe its cores; Ray sets OMP_NUM_THREADS the same way)."""
+    threads: torch's intra-op threads (``orchestration.threads``, default the flow process's count):
+    the float rounding of some matmuls depends on it, so every unit uses the same count whatever
+    its worker (Ray, for one, sets OMP_NUM_THREADS to a task's num_cpus)."""
     if threads:
         import torch
 
@@ -63,7 +65,7 @@ def task_runner(orch: OrchestrationConfig):
         from prefect.task_runners import ProcessPoolTaskRunner
 
         return ProcessPoolTaskRunner(max_workers=orch.workers)
-    cpus = max([orch.resources_of(s).cpus for s in ("train", "evaluate")])
+    cpus = max([orch.resources_of(s).cpus for s in UNIT_STAGES])
     if orch.runner == "ray":
         from prefect_ray import RayTaskRunner
 
@@ -83,6 +85,12 @@ def task_runner(orch: OrchestrationConfig):
             kwargs["resources"] = {"GPU": gpus}
         return DaskTaskRunner(cluster_kwargs=kwargs)
     raise ValueError(f"unknown orchestration.runner {orch.runner!r}; use local, process, ray or dask")
+
+
+def _flow_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _local_gpus() -> int:
@@ -127,7 +135,7 @@ class TaskRunnerExecutor:
                 unit_task = run_unit.with_options(name=f"{stage}-unit", task_run_name=unit.label, retries=self.orch.retries)
                 parameters = {"function": unit.function, "kwargs": unit.kwargs, "run_dir": self.store.url, "reads": unit.reads,
                               "writes": unit.writes, "cache_dir": self.orch.cache_dir, "storage_options": self.orch.storage_options or None,
-                              "threads": max(1, int(self.orch.resources_of(stage).cpus))}
+                              "threads": self.orch.threads or _flow_threads()}
                 with _resources(self.orch, stage):
                     futures[runner.submit(unit_task, parameters)] = i
             for future in as_completed(list(futures)):

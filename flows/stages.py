@@ -105,6 +105,10 @@ def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path | None, f
         if store.remote:
             pulled = store.pull([p for paths in PUBLISHED.values() for p in paths] + list(STATE_PUBLISHED))
             get_run_logger().info("run directory %s: mirrored in %s (%d files fetched)", store.url, store.local, len(pulled))
+        if orchestration.threads:  # the local runner's units run here; others get the count as a parameter
+            import torch
+
+            torch.set_num_threads(orchestration.threads)
         outcome = _run_stage_locked(stage, section, store.local, force, unit_executor(orchestration, store))
         if store.remote:
             store.push(PUBLISHED[stage])

@@ -327,13 +327,14 @@ class ReportConfig(_Strict):
 # --------------------------------------------------------------------------- orchestration
 
 #: stages whose work fans out into units (tasks.units); the others run in the flow's process
-UNIT_STAGES = ("train", "evaluate")
+UNIT_STAGES = ("extract", "train", "evaluate")
 
 
 class Resources(_Strict):
     """What one unit of a stage asks of a worker (Ray: task options; Dask: worker resources)."""
 
-    cpus: float = Field(default=1, gt=0, description="CPU cores per unit (Ray num_cpus; Dask: the local cluster's threads per worker).")
+    cpus: float = Field(default=1, gt=0, description="CPU cores per unit, for placement (Ray num_cpus; Dask: the local cluster's "
+                        "threads per worker); torch's threads are orchestration.threads.")
     gpus: float = Field(default=0, ge=0, description="GPUs per unit; fractions share a GPU (0.5: two units per GPU, as the paper's authors ran). "
                         "Ray: num_gpus; Dask: the worker resource 'GPU' (start workers with --resources GPU=N).")
 
@@ -350,9 +351,12 @@ class OrchestrationConfig(_Strict):
     workers: int = Field(default=2, ge=1, description="Worker processes of the process pool or of a local Ray/Dask cluster.")
     address: str | None = Field(default=None, description="An existing cluster: Ray's address (ray://host:10001 or auto), or the "
                                 "Dask scheduler's (tcp://host:8786). None starts a local one.")
-    resources: dict[Literal["train", "evaluate"], Resources] = Field(
+    resources: dict[Literal["extract", "train", "evaluate"], Resources] = Field(
         default_factory=dict, description="Per-stage resources of one unit (default: 1 CPU, no GPU)."
     )
+    threads: int | None = Field(default=None, ge=1, description="torch's intra-op threads in every unit (and in the flow's "
+                                "process). None: the flow process's own count, so units compute exactly what the local runner does; "
+                                "another count changes the float rounding of some matmuls (the models then differ in their last bits).")
     retries: int = Field(default=2, ge=0, description="Prefect retries of a failed unit (a worker lost mid-unit is also "
                          "rescheduled by Ray/Dask themselves); a retried unit gives the same result.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of an object-store run directory "

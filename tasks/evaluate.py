@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from data_contracts.activations import validate_activations
+from data_contracts.activations import read_manifest, validate_activations
 from data_contracts.metrics import write_intrinsic, write_summary
 from sae_core import metrics
 from sae_core.evaluation import dictionary_metrics, prefix_reconstruction_metrics
@@ -156,9 +156,11 @@ def _load_checked(model: ModelDir, run_dir: Path, d: int, device: torch.device):
     return ens
 
 
-def _open_split(cfg: EvaluateConfig, run_dir: Path):
+def _open_split(cfg: EvaluateConfig, run_dir: Path, *, validate: bool = True):
+    """The evaluation split's manifest and source; a unit on a worker skips the contract (see
+    :func:`tasks.train.train_unit`)."""
     acts_dir = run_dir / ACTIVATIONS_DIR
-    manifest = validate_activations(acts_dir, splits=(cfg.split,))
+    manifest = validate_activations(acts_dir, splits=(cfg.split,)) if validate else read_manifest(acts_dir)
     # streamed shard by shard for every model: memory independent of the number of tokens
     return manifest, activation_source(acts_dir, cfg.split, cfg.max_tokens, seed=TOKEN_SUBSET_SEED, manifest=manifest)
 
@@ -167,7 +169,7 @@ def evaluate_unit(run_dir: Path, cfg: EvaluateConfig, model: ModelDir, *, data=N
     """One model's unit of work: every prefix's reconstruction and dictionary metrics, on
     ``cfg.device``, as metric rows. data: (manifest, source) already opened in process."""
     run_dir = Path(run_dir)
-    manifest, acts = data if data is not None else _open_split(cfg, run_dir)
+    manifest, acts = data if data is not None else _open_split(cfg, run_dir, validate=False)
     ens = _load_checked(model, run_dir, manifest.d, resolve_device(cfg.device))
     with torch.no_grad():
         recon = prefix_reconstruction_metrics(ens, acts.iter_batches(cfg.batch_size))

@@ -46,6 +46,7 @@ from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE
 from tasks.config import ExtractConfig
 from tasks.progress import ProgressLog
 from tasks.sources import corpus_fingerprint, load_corpus
+from tasks.units import Unit, UnitExecutor
 
 
 
@@ -193,8 +194,93 @@ class _LogBar:
             self.log.finish()
 
 
-def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = True) -> ExtractionReport:
-    """Extract (or resume, or confirm) the activations of ``cfg`` into ``run_dir``."""
+#: shards per unit of work when extraction fans out (a unit loads the model once for its shards)
+SHARDS_PER_UNIT = 4
+
+
+@dataclass(frozen=True)
+class ShardsOutcome:
+    """What extracting a list of shards did: their manifest entries (in the order asked), the
+    shards written and the ones reused (relative paths)."""
+
+    shards: tuple[ShardInfo, ...]
+    written: tuple[str, ...]
+    reused: tuple[str, ...]
+
+
+def _extract_shards(loaded: LoadedModel, docs: pd.DataFrame, token_ids: list[list[int]], plan: dict[str, list[np.ndarray]],
+                    cfg: ExtractConfig, out: Path, fingerprint: str, items: list[tuple[str, int]], bar) -> ShardsOutcome:
+    """Extract (or reuse) the shards ``items`` ((split, index) of the plan) into ``out``."""
+    # Each finished shard is validated and written by one background thread while the
+    # model runs the next shard's batches; at most one write is pending, so memory holds
+    # two shards at most. A failed write surfaces at the next wait and stops the stage;
+    # every shard that was written is complete. (On 2 cores the writer slows the forward
+    # it overlaps, but still comes out ahead of writing in line; README.)
+    slots: list[ShardInfo | Future] = []
+    written, reused = [], []
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        for split, index in items:
+            rows = plan[split][index]
+            rel = shard_path(split, index)
+            if (out / rel).is_file():
+                info = _existing_shard_info(out, rel, split)
+                # a finished shard is reused only if it still passes its contract;
+                # a damaged one (NaN rows, wrong width, ...) is extracted again
+                damaged = check_shard_file(out / rel, info, loaded.d_model, loaded.vocab_size, cfg.max_norm, cfg.activation_dtype)
+                if not damaged:
+                    slots.append(info)
+                    reused.append(rel)
+                    continue
+                print(f"re-extracting {rel}: " + "; ".join(f.detail for f in damaged[:3]))
+                (out / rel).unlink()
+            doc_ids = docs["doc_id"].to_numpy()[rows]
+            batch = _extract_shard(loaded, [token_ids[r] for r in rows], cfg, bar.update if bar is not None else None)
+            if pending is not None:
+                pending.result()  # re-raises a failed write before more work is queued
+            pending = writer.submit(
+                write_batch_shard, out, split, index, doc_ids, batch, fingerprint, (loaded.vocab_size, cfg.max_norm),
+                cfg.activation_dtype,
+            )
+            slots.append(pending)
+            written.append(rel)
+        if pending is not None:
+            pending.result()
+    shards = [slot.result() if isinstance(slot, Future) else slot for slot in slots]
+    return ShardsOutcome(tuple(shards), tuple(written), tuple(reused))
+
+
+def _shard_files(items) -> tuple[str, ...]:
+    """Run-dir-relative paths of the shards ``items`` (published ones are pulled to be reused)."""
+    return tuple(f"{ACTIVATIONS_DIR}/{shard_path(split, index)}" for split, index in items)
+
+
+def extract_unit(run_dir: Path, cfg: ExtractConfig, items: tuple[tuple[str, int], ...], fingerprint: str) -> ShardsOutcome:
+    """A range of shards as one unit of work on a worker: the corpus, the model and the plan
+    are rebuilt from ``cfg`` (deterministic), then the shards are extracted as in process."""
+    run_dir = Path(run_dir)
+    docs = load_corpus(cfg, cache_dir=run_dir / ".cache" / "datasets")
+    here = extraction_fingerprint(cfg, corpus_fingerprint(docs), model_identity(cfg))
+    if here != fingerprint:
+        raise ValueError(
+            f"this worker sees another corpus or model than the flow that planned the extraction (fingerprint {here[:12]} vs "
+            f"{fingerprint[:12]}): the model path and the corpus files of extract.* must be the same on every worker"
+        )
+    keep_freed_memory()
+    loaded = load_model(cfg.model, cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device=cfg.device)
+    token_ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
+    plan = _plan(docs, token_ids, cfg, len(loaded.prefix_ids) + len(loaded.suffix_ids))
+    todo = sum(len(token_ids[r]) for split, i in items for r in plan[split][i])
+    bar = _LogBar(ProgressLog("extract", todo, "tokens", tokens_per_unit=1))
+    try:
+        return _extract_shards(loaded, docs, token_ids, plan, cfg, run_dir / ACTIVATIONS_DIR, fingerprint, list(items), bar)
+    finally:
+        bar.close()
+
+
+def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = True, executor: UnitExecutor | None = None) -> ExtractionReport:
+    """Extract (or resume, or confirm) the activations of ``cfg`` into ``run_dir``; ``executor``
+    runs ranges of shards as units of work (default: all in this process)."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     out = run_dir / ACTIVATIONS_DIR
@@ -235,9 +321,8 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
 
     stored = [split for split in SPLITS if cfg.store_train or split != "train"]
     live = {} if cfg.store_train else {"train": live_blocks(loaded, docs, token_ids, plan["train"], cfg)}
-    todo_tokens = sum(
-        len(token_ids[r]) for split in stored for i, rows in enumerate(plan[split]) if not (out / shard_path(split, i)).is_file() for r in rows
-    )
+    items = [(split, index) for split in stored for index in range(len(plan[split]))]
+    todo_tokens = sum(len(token_ids[r]) for split, i in items if not (out / shard_path(split, i)).is_file() for r in plan[split][i])
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -246,46 +331,21 @@ def run_extraction(cfg: ExtractConfig, run_dir: str | Path, *, progress: bool = 
     else:  # no terminal: a progress line every SAE_ENSEMBLES_PROGRESS_SECONDS through the run logger
         log = ProgressLog("extract", todo_tokens, "tokens", tokens_per_unit=1)
         bar = _LogBar(log)
-    # Each finished shard is validated and written by one background thread while the
-    # model runs the next shard's batches; at most one write is pending, so memory holds
-    # two shards at most. A failed write surfaces at the next wait and stops the stage;
-    # every shard that was written is complete. (On 2 cores the writer slows the forward
-    # it overlaps, but still comes out ahead of writing in line; README.)
-    slots: list[ShardInfo | Future] = []
-    written, reused = [], []
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        try:
-            for split in stored:
-                for index, rows in enumerate(plan[split]):
-                    rel = shard_path(split, index)
-                    if (out / rel).is_file():
-                        info = _existing_shard_info(out, rel, split)
-                        # a finished shard is reused only if it still passes its contract;
-                        # a damaged one (NaN rows, wrong width, ...) is extracted again
-                        damaged = check_shard_file(out / rel, info, loaded.d_model, loaded.vocab_size, cfg.max_norm, cfg.activation_dtype)
-                        if not damaged:
-                            slots.append(info)
-                            reused.append(rel)
-                            continue
-                        print(f"re-extracting {rel}: " + "; ".join(f.detail for f in damaged[:3]))
-                        (out / rel).unlink()
-                    doc_ids = docs["doc_id"].to_numpy()[rows]
-                    batch = _extract_shard(loaded, [token_ids[r] for r in rows], cfg, bar.update if bar is not None else None)
-                    if pending is not None:
-                        pending.result()  # re-raises a failed write before more work is queued
-                    pending = writer.submit(
-                        write_batch_shard, out, split, index, doc_ids, batch, fingerprint, (loaded.vocab_size, cfg.max_norm),
-                        cfg.activation_dtype,
-                    )
-                    slots.append(pending)
-                    written.append(rel)
-            if pending is not None:
-                pending.result()
-        finally:
-            if bar is not None:
-                bar.close()
-    shards = [slot.result() if isinstance(slot, Future) else slot for slot in slots]
+    try:
+        if executor is None or executor.in_process:
+            outcome = _extract_shards(loaded, docs, token_ids, plan, cfg, out, fingerprint, items, bar)
+        else:  # shard ranges as units of work: each worker loads the model and writes its shards
+            ranges = [tuple(items[i: i + SHARDS_PER_UNIT]) for i in range(0, len(items), SHARDS_PER_UNIT)]
+            units = [Unit(extract_unit, {"cfg": cfg, "items": r, "fingerprint": fingerprint},
+                          f"extract {r[0][0]}/{r[0][1]}..{r[-1][0]}/{r[-1][1]}", reads=_shard_files(r), writes=_shard_files(r),
+                          cost=sum(len(token_ids[row]) for s, i in r for row in plan[s][i])) for r in ranges]
+            parts = executor.run("extract", units, on_done=lambda unit, _o: bar.update(unit.cost) if bar is not None else None)
+            outcome = ShardsOutcome(tuple(x for o in parts for x in o.shards), tuple(x for o in parts for x in o.written),
+                                    tuple(x for o in parts for x in o.reused))
+    finally:
+        if bar is not None:
+            bar.close()
+    shards, written, reused = list(outcome.shards), list(outcome.written), list(outcome.reused)
     extracted = sum(info.rows for info in shards if info.file in written)
 
     tokens = {s: sum(i.rows for i in shards if i.split == s) + sum(b.rows for b in live.get(s, [])) for s in SPLITS}

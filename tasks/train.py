@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from data_contracts.activations import validate_activations
+from data_contracts.activations import read_manifest, validate_activations
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.ensemble import Ensemble, EnsembleInfo
 from sae_core.io import ENSEMBLE_FILE, load_ensemble, load_training_history, save_ensemble
@@ -267,9 +267,12 @@ class UnitOutcome:
     seconds: float
 
 
-def _train_source(cfg: TrainStageConfig, run_dir: Path, device: torch.device):
+def _train_source(cfg: TrainStageConfig, run_dir: Path, device: torch.device, *, validate: bool = True):
+    """The train split's manifest and source; ``validate`` runs its contract (a unit on a worker
+    skips it: the stage validated the split before planning the units, and a pull from object
+    storage verifies every file's sha256)."""
     acts_dir = run_dir / ACTIVATIONS_DIR
-    manifest = validate_activations(acts_dir, splits=("train",))
+    manifest = validate_activations(acts_dir, splits=("train",)) if validate else read_manifest(acts_dir)
     acts = activation_source(acts_dir, "train", cfg.max_train_tokens, seed=0, manifest=manifest, device=device,
                              buffer_mb=cfg.shuffle_buffer_mb if cfg.activations == "stream" else None)
     return manifest, acts
@@ -290,7 +293,7 @@ def train_unit(run_dir: Path, cfg: TrainStageConfig, jobs: tuple[TrainingJob, ..
     start = time.perf_counter()
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
-    manifest, acts = data if data is not None else _train_source(cfg, run_dir, device)
+    manifest, acts = data if data is not None else _train_source(cfg, run_dir, device, validate=False)
     sae_cfg = member_config(cfg, manifest.d)
     data_fp = _data_fingerprint(cfg, manifest, acts)
     recipe_dump = cfg.recipe.model_dump(exclude={"seed", "checkpoint_every", "log_every"})

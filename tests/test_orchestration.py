@@ -114,7 +114,7 @@ def test_a_run_directory_on_s3_gives_the_same_bytes_and_refuses_a_second_run(pre
     monkeypatch.setenv("SAE_ENSEMBLES_CACHE", str(tmp_path / "cache"))
     url = f"{s3_bucket}/runs/tiny"
     cfg = _with_runner(tiny_pipeline_config, runner="dask", workers=2)
-    before = {run.id for run in _unit_task_runs("/run=")}
+    before = {run.id for run in _unit_task_runs("/run=") + _unit_task_runs("extract ")}
     pipeline_flow(config=cfg, run_dir=url)
     # the units ran as Prefect tasks (on the Dask workers): one per training unit, one per model to evaluate
     from tasks.common import discover_models
@@ -124,7 +124,8 @@ def test_a_run_directory_on_s3_gives_the_same_bytes_and_refuses_a_second_run(pre
     expected = ["train " + " + ".join(f"{j.model.name}/run={j.run}" for j in unit) for unit in training_units(plan_jobs(cfg.train))]
     expected += [f"evaluate {m.name}/run={m.run}" for m in discover_models(local_run[0])]
     assert len(expected) >= 20 and sorted(run.name for run in units) == sorted(expected)
-    assert all(run.state.is_completed() for run in units)
+    extraction = [run for run in _unit_task_runs("extract ") if run.id not in before]
+    assert extraction and all(run.state.is_completed() for run in units + extraction)
     fs = fsspec.filesystem("s3")
     published = {}
     for rel in local_run[1]:
