@@ -2,7 +2,7 @@
 speed-up the paper's settings can expect from their number of independent units.
 
 1. Extracts configs/smoke.yaml into a temporary run directory (local runner), then times the
-   train stage (``--force``) four ways in this one process, on the same activations:
+   train stage at ``--steps`` steps (default 400) (``--force``) four ways in this one process, on the same activations:
    ``local`` (every unit in the flow's process, torch on all cores, today's default), the
    same with one torch thread, and ``process`` with 1 worker and with 2 workers (Prefect's
    ProcessPoolTaskRunner, ``orchestration.threads = 1``). The models of the three one-thread
@@ -72,12 +72,15 @@ def projection(config_name: str) -> dict:
     }
 
 
-def timing(tmp: Path) -> dict:
+def timing(tmp: Path, steps: int) -> dict:
     from flows.configs import load_pipeline_config
     from flows.stages import extract_flow, train_flow
     from tasks.config import OrchestrationConfig, Resources
 
     cfg = load_pipeline_config(ROOT / "configs" / "smoke.yaml")
+    # the smoke recipe's 40 steps are ~8 s of compute on one thread: less than starting two worker
+    # processes (torch, Prefect); --steps makes the work worth spreading
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"recipe": cfg.train.recipe.model_copy(update={"n_steps": steps})})})
     base = tmp / "base"
     extract_flow(config=cfg.extract, run_dir=str(base))
     rows = {}
@@ -98,7 +101,7 @@ def timing(tmp: Path) -> dict:
     one_thread = {digests[k] for k in ("local, 1 thread", "process x1", "process x2")}
     if len(one_thread) != 1:
         raise SystemExit(f"error: the runners trained different models with the same torch threads: {digests}")
-    return {"train_seconds": rows, "speedup_2_vs_1_workers": rows["process x1"] / rows["process x2"],
+    return {"steps": steps, "train_seconds": rows, "speedup_2_vs_1_workers": rows["process x1"] / rows["process x2"],
             "models_identical_at_equal_threads": True, "local_2_threads_identical_to_1_thread": digests["local"] in one_thread,
             "cores": os.cpu_count()}
 
@@ -107,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench" / "scaleout.json"))
     parser.add_argument("--skip-timing", action="store_true", help="only the paper-settings projection")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of the smoke recipe (default 400; the config says 40)")
     args = parser.parse_args()
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -120,11 +124,11 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
         os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
         try:
-            result["timing"] = timing(tmp)
+            result["timing"] = timing(tmp, args.steps)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         t = result["timing"]
-        print(f"smoke train stage: 2 vs 1 worker processes {t['speedup_2_vs_1_workers']:.2f}x on {t['cores']} cores; "
+        print(f"smoke train stage ({t['steps']} steps): 2 vs 1 worker processes {t['speedup_2_vs_1_workers']:.2f}x on {t['cores']} cores; "
               f"models byte-identical at 1 thread (local / process x1 / process x2); local on all cores identical too: "
               f"{t['local_2_threads_identical_to_1_thread']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

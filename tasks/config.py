@@ -128,6 +128,13 @@ class TrainStageConfig(_Strict):
     k: int | None = Field(default=16, gt=0, description="Active latents per token (topk/batchtopk); None otherwise.")
     n_members: int = Field(default=8, ge=1, description="J_max: members of the bagging and boosting ensembles.")
     n_runs: int = Field(default=3, ge=1, description="S: independent runs (disjoint seed blocks) of every method.")
+    bagging_group: int | None = Field(
+        default=None, ge=1,
+        description="Bagging members per batched module: a J-member ensemble trains as ceil(J/G) modules of G members, "
+        "each its own unit of work (spread over workers by the orchestration runner), stacked at the end. Its members are "
+        "independent, but a module's size can change the last bits of its members, so this is part of the models' "
+        "fingerprints. None: all J members in one module.",
+    )
     expanded_sizes: list[int] = Field(
         default_factory=lambda: [8],
         description="J values at which an expanded SAE of width J·d_sae is trained (each at most n_members).",

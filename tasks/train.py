@@ -77,6 +77,7 @@ class TrainingJob:
     n_members: int
     seeds: tuple[int, ...]
     cost: int
+    member_group: int | None = None  # bagging (and its single SAE): members per batched module, None = all J
 
     @property
     def model(self) -> ModelDir:
@@ -91,7 +92,8 @@ class TrainingJob:
     def fingerprint(self, sae_cfg: SAEConfig, recipe: dict, data_fingerprint: str) -> str:
         """sha256 of the job, the member config, the recipe and the data: a saved model with
         this fingerprint in its ensemble.json is up to date."""
-        payload = {**asdict(self), "sae": sae_cfg.model_dump(), "recipe": recipe, "data": data_fingerprint}
+        job = {k: v for k, v in asdict(self).items() if not (k == "member_group" and v is None)}  # as before groups existed
+        payload = {**job, "sae": sae_cfg.model_dump(), "recipe": recipe, "data": data_fingerprint}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -118,10 +120,11 @@ def plan_jobs(cfg: TrainStageConfig) -> list[TrainingJob]:
     for r in range(cfg.n_runs):
         # seed block of run r: recipe.seed picks a fresh set of S disjoint blocks (0 -> blocks 0..S-1)
         seeds = tuple(default_seeds(cfg.recipe.model_copy(update={"seed": seed_block(cfg, r)}), J))
+        group = cfg.bagging_group if cfg.bagging_group and cfg.bagging_group < J and "bagging" in cfg.methods else None
         if "bagging" in cfg.methods:
-            jobs.append(TrainingJob("bagging", r, J, seeds, J))
+            jobs.append(TrainingJob("bagging", r, J, seeds, J, group))
         if "single" in cfg.methods:
-            jobs.append(TrainingJob("single", r, 1, seeds[:1], 0 if "bagging" in cfg.methods else 1))
+            jobs.append(TrainingJob("single", r, 1, seeds[:1], 0 if "bagging" in cfg.methods else 1, group))
         if "boosting" in cfg.methods:
             jobs.append(TrainingJob("boosting", r, J, seeds, J))
         for size in cfg.expanded_sizes:
@@ -344,6 +347,60 @@ def train_unit(run_dir: Path, cfg: TrainStageConfig, jobs: tuple[TrainingJob, ..
     return UnitOutcome(tuple(done), time.perf_counter() - start)
 
 
+#: where member groups of a split bagging ensemble wait to be stacked (under the checkpoints, removed at the end)
+GROUPS_DIR = f"{CHECKPOINTS_DIR}/bagging-groups"
+
+
+def _group_relative(job: TrainingJob, members: tuple[int, ...]) -> str:
+    return f"{GROUPS_DIR}/run={job.run}/members={members[0]}-{members[-1]}"
+
+
+def train_bagging_members(run_dir: Path, cfg: TrainStageConfig, job: TrainingJob, members: tuple[int, ...], *, data=None) -> UnitOutcome:
+    """A unit of a bagging ensemble split by ``train.bagging_group``: members ``members`` of
+    ``job`` as one batched module, saved under :data:`GROUPS_DIR`; :func:`_stack_bagging` puts
+    the groups together. The members are independent (own parameters, seeds, batches and
+    optimizer state), so a member is what it would be trained alone in a module of the same
+    size; the module's size can still change the last bits (kernel shapes), which is why the
+    grouping is a train setting and part of the models' fingerprints."""
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    manifest, acts = data if data is not None else _train_source(cfg, run_dir, device, validate=False)
+    rel = _group_relative(job, members)
+    recipe = cfg.recipe.model_copy(update={"seed": seed_block(cfg, job.run)})
+    bar = _Progress(len(members) * cfg.recipe.n_steps, False, None, cfg.recipe.batch_size)
+    bar.model = f"bagging/run={job.run} members {members[0]}..{members[-1]}"
+    trained = train_bagging(member_config(cfg, manifest.d), acts, recipe, len(members), seeds=[job.seeds[j] for j in members],
+                            checkpoint_dir=run_dir / CHECKPOINTS_DIR / "bagging" / f"run={job.run}" / f"members={members[0]}-{members[-1]}",
+                            callback=lambda step, sae, record: (bar.record(record) if record is not None else None, bar.advance(len(members))),
+                            device=device)
+    bar.close()
+    save_ensemble(trained.ensemble, run_dir / rel, histories=trained.histories)
+    return UnitOutcome(((rel, "group", ""),), time.perf_counter() - start)
+
+
+def _stack_bagging(run_dir: Path, group: list[TrainingJob], parts: list[str], sae_cfg: SAEConfig, recipe_dump: dict, data_fp: str,
+                   n_rows: int) -> list[str]:
+    """Bagging (and its single SAE, member 0) from the member groups ``parts``, saved as
+    :func:`train_unit` saves them; returns the models written."""
+    bagging = group[0]
+    groups = [load_ensemble(run_dir / rel) for rel in parts]
+    histories = [h for rel in parts for h in (load_training_history(run_dir / rel) or [])]
+    stacked = type(groups[0].members).stack([g.member(j) for g in groups for j in range(g.n_members)])
+    ens = Ensemble(stacked, "bagging")
+    ens.info = EnsembleInfo(seeds=tuple(bagging.seeds), bootstrap=groups[0].info.bootstrap).updated(
+        fingerprint=bagging.fingerprint(sae_cfg, recipe_dump, data_fp), run=bagging.run, method="bagging", train_tokens=n_rows)
+    save_ensemble(ens, bagging.model.path(run_dir), histories=histories or None)
+    written = [bagging.model.relative]
+    for job in group[1:]:  # the single SAE: bagging's member 0
+        single = Ensemble(ens.member(0), "single")
+        single.info = EnsembleInfo(seeds=job.seeds, source=SINGLE_FROM_BAGGING).updated(
+            fingerprint=job.fingerprint(sae_cfg, recipe_dump, data_fp), run=job.run, method=job.method, train_tokens=n_rows)
+        save_ensemble(single, job.model.path(run_dir), histories=histories[:1] or None)
+        written.append(job.model.relative)
+    return written
+
+
 def run_training(
     cfg: TrainStageConfig,
     run_dir: str | Path,
@@ -377,12 +434,22 @@ def run_training(
     result.notes.append(f"read the train split: {acts.n_rows} tokens, d={manifest.d}, {how}; trained on {device}")
 
     units = []
+    stacks: list[tuple[list[TrainingJob], list[str]]] = []  # split bagging ensembles: (its jobs, its member groups)
     for group in training_units(jobs):
         fresh = all(_existing(job.model.path(run_dir), job.fingerprint(sae_cfg, recipe_dump, data_fp)) is not None for job in group)
         if fresh and not executor.in_process:  # nothing to train: no worker needed
             for job in group:
                 bar.advance(job.cost * steps, trained=False)
                 result.notes.append(f"{job.model.name}/run={job.run}: up to date, reused")
+            continue
+        size = group[0].member_group if group[0].method == "bagging" else None
+        if size and not fresh:
+            bagging, shared = group[0], ({"data": (manifest, acts)} if executor.in_process else {})
+            parts = [tuple(range(i, min(i + size, bagging.n_members))) for i in range(0, bagging.n_members, size)]
+            stacks.append((group, [_group_relative(bagging, m) for m in parts]))
+            units += [Unit(train_bagging_members, {"cfg": cfg, "job": bagging, "members": m, **shared},
+                           f"train bagging/run={bagging.run} members {m[0]}..{m[-1]}", reads=(ACTIVATIONS_DIR,),
+                           writes=(_group_relative(bagging, m),), cost=len(m) * steps) for m in parts]
             continue
         kwargs: dict = {"cfg": cfg, "jobs": tuple(group)}
         if executor.in_process:
@@ -393,7 +460,7 @@ def run_training(
                           cost=sum(job.cost * steps for job in group)))
 
     def finished(unit: Unit, outcome: UnitOutcome) -> None:
-        if not executor.in_process:
+        if not executor.in_process or unit.function is train_bagging_members:
             bar.advance(unit.cost)
             bar.report(f"{unit.label}: done in {outcome.seconds:.1f} s")
 
@@ -401,8 +468,11 @@ def run_training(
         for relative, what, note in outcome.models:
             if what == "trained":
                 result.written.append(relative)
-            else:
+            elif what == "reused":
                 result.notes.append(note)
+    for group, parts in stacks:
+        result.written += _stack_bagging(run_dir, group, parts, sae_cfg, recipe_dump, data_fp, int(acts.n_rows))
+        result.notes.append(f"bagging/run={group[0].run}: trained as {len(parts)} groups of members, stacked")
     bar.close()
     shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     if cfg.imported:  # SAELens folders listed in the config become models like the trained ones

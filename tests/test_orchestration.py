@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.s3_server import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
@@ -219,3 +220,36 @@ def test_the_smoke_pipeline_on_local_ray_and_dask_clusters_gives_the_local_runne
         digests[runner] = _digests(run)
     assert set(COMPARED) <= set(digests["local"])
     assert digests["ray"] == digests["local"] and digests["dask"] == digests["local"]
+
+
+def test_bagging_in_groups_of_members_stacks_each_member_as_trained_in_its_group(tiny_pipeline_config, local_run, tmp_path):
+    """train.bagging_group = 1: each bagging member is its own unit (module); the stacked ensemble holds, member by member,
+    what train_bagging gives for that member alone; only bagging and its single SAE are retrained (their fingerprints
+    name the grouping), the other models are reused."""
+    import shutil
+
+    from sae_core.io import load_ensemble
+    from sae_core.training.ensembles import train_bagging
+    from tasks.common import activation_source
+    from tasks.train import member_config, seed_block
+    from tasks.train import plan_jobs, run_training
+
+    run = tmp_path / "run"
+    shutil.copytree(local_run[0], run, ignore=shutil.ignore_patterns("metrics", "downstream", "report", "figures", ".lock"))
+    cfg = tiny_pipeline_config.train.model_copy(update={"bagging_group": 1})
+    result = run_training(cfg, run, progress=False)
+    assert sorted(result.written) == sorted(f"models/{m}/run={r}" for m in ("bagging", "single") for r in (0, 1))
+    assert any("trained as 2 groups of members, stacked" in note for note in result.notes)
+    assert not (run / ".checkpoints").exists()
+
+    acts = activation_source(run / "activations", "train", cfg.max_train_tokens, seed=0)
+    bagging = next(job for job in plan_jobs(cfg) if job.method == "bagging" and job.run == 1)
+    stacked = load_ensemble(run / "models" / "bagging" / "run=1")
+    single = load_ensemble(run / "models" / "single" / "run=1")
+    recipe = cfg.recipe.model_copy(update={"seed": seed_block(cfg, 1)})
+    for j, seed in enumerate(bagging.seeds):
+        alone = train_bagging(member_config(cfg, stacked.d_in), acts, recipe, 1, seeds=[seed]).ensemble
+        for name, value in alone.member(0).state_dict().items():
+            assert torch.equal(stacked.member(j).state_dict()[name], value), (j, name)
+    assert all(torch.equal(a, b) for a, b in zip(single.member(0).state_dict().values(), stacked.member(0).state_dict().values()))
+    assert stacked.info.seeds == bagging.seeds and stacked.info.fingerprint != load_ensemble(local_run[0] / "models/bagging/run=1").info.fingerprint
