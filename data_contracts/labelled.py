@@ -4,15 +4,19 @@ Kinds (stored in each Parquet footer, so :func:`data_contracts.validate` dispatc
 
 - ``labelled_probing``: doc_id, dataset, text, label, split ∈ {train, test}; every class
   has the same number of documents in each split (balanced sets).
-- ``labelled_scr``: the same plus spurious (e.g. gender), y and z (0/1) and split ∈
+- ``labelled_scr``: the same plus document (the source document of a row: a BBC
+  paragraph's article), spurious (e.g. gender), y and z (0/1) and split ∈
   {train_biased, train_balanced, test}. The intended correlations are part of the
   contract: y = z on every train_biased row; the four (y, z) cells equal in
-  train_balanced and in test; y a function of label, z of spurious. A document may sit
-  in both train splits (never in test and a train split).
+  train_balanced and in test; y a function of label, z of spurious; splits take whole
+  documents (no document in two splits).
 - ``probing_results``: method, n_members, run, dataset, class, k, accuracy ∈ [0, 1].
 - ``scr_results``: method, n_members, run, pair, n_ablated, acc_base, acc_ablated,
   acc_oracle ∈ [0, 1], score finite.
-- ``scr_cells``: pair, topic, gender, y, z, available, train_biased, train_balanced, test.
+- ``scr_cells``: pair, label, spurious, y, z, available, train_biased, train_balanced, test.
+- ``scr_pairs``: pair, acc_base, acc_oracle ∈ [0, 1], headroom = acc_oracle − acc_base,
+  min_headroom, conditioned (headroom ≥ min_headroom: the pair is scored; the others
+  have no headroom and are left out of every mean and figure), n_test; one row per pair.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
     "labelled_scr": pa.schema(
         [
-            ("doc_id", pa.string()), ("dataset", pa.string()), ("text", pa.string()), ("label", pa.string()),
-            ("spurious", pa.string()), ("y", pa.int8()), ("z", pa.int8()), ("split", pa.string()),
+            ("doc_id", pa.string()), ("document", pa.string()), ("dataset", pa.string()), ("text", pa.string()),
+            ("label", pa.string()), ("spurious", pa.string()), ("y", pa.int8()), ("z", pa.int8()), ("split", pa.string()),
         ]
     ),
     "probing_results": pa.schema(
@@ -54,8 +58,14 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
     "scr_cells": pa.schema(
         [
-            ("pair", pa.string()), ("topic", pa.string()), ("gender", pa.string()), ("y", pa.int8()), ("z", pa.int8()),
+            ("pair", pa.string()), ("label", pa.string()), ("spurious", pa.string()), ("y", pa.int8()), ("z", pa.int8()),
             ("available", pa.int32()), ("train_biased", pa.int32()), ("train_balanced", pa.int32()), ("test", pa.int32()),
+        ]
+    ),
+    "scr_pairs": pa.schema(
+        [
+            ("pair", pa.string()), ("acc_base", pa.float64()), ("acc_oracle", pa.float64()), ("headroom", pa.float64()),
+            ("min_headroom", pa.float64()), ("conditioned", pa.bool_()), ("n_test", pa.int32()),
         ]
     ),
 }
@@ -102,7 +112,14 @@ def _expectations(kind: str) -> list:
         exps += [
             gxe.ExpectColumnValuesToBeInSet(column="y", value_set=[0, 1]),
             gxe.ExpectColumnValuesToBeInSet(column="z", value_set=[0, 1]),
-            gxe.ExpectCompoundColumnsToBeUnique(column_list=["pair", "topic", "gender"]),
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=["pair", "y", "z"]),
+        ]
+    elif kind == "scr_pairs":
+        exps += [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=1) for c in ("acc_base", "acc_oracle")]
+        exps += [
+            gxe.ExpectColumnValuesToBeBetween(column="headroom", min_value=-1, max_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="n_test", min_value=1),
+            gxe.ExpectColumnValuesToBeUnique(column="pair"),
         ]
     return exps
 
@@ -135,10 +152,23 @@ def _balance_failures(frame: pd.DataFrame, kind: str) -> list[Failure]:
             mapping = d.groupby(label_col)[code].nunique()
             if (mapping > 1).any() or d.groupby(code)[label_col].nunique().gt(1).any():
                 failures.append(Failure(f"{code} encodes {label_col}", f"dataset {dataset}: {label_col} ↔ {code} is not one-to-one"))
-        test_ids = set(d.loc[d["split"] == "test", "doc_id"])
-        leak = test_ids & set(d.loc[d["split"] != "test", "doc_id"])
-        if leak:
-            failures.append(Failure("test disjoint from train", f"dataset {dataset}", len(leak), sorted(leak)[:5]))
+        shared = d.groupby("document")["split"].nunique()
+        shared = shared[shared > 1]
+        if len(shared):
+            failures.append(Failure("splits share no document", f"dataset {dataset}", len(shared), sorted(shared.index)[:5]))
+    return failures
+
+
+def _headroom_failures(frame: pd.DataFrame) -> list[Failure]:
+    """scr_pairs: headroom = acc_oracle − acc_base, and conditioned = headroom ≥ min_headroom."""
+    failures = []
+    wrong = ~np.isclose(frame["headroom"], frame["acc_oracle"] - frame["acc_base"], atol=1e-9)
+    if wrong.any():
+        failures.append(Failure("headroom = acc_oracle − acc_base", "rows disagree", int(wrong.sum()), frame.loc[wrong, "pair"].tolist()[:5]))
+    flag = frame["headroom"] >= frame["min_headroom"] - 1e-12
+    bad = flag != frame["conditioned"].astype(bool)
+    if bad.any():
+        failures.append(Failure("conditioned = headroom ≥ min_headroom", "rows disagree", int(bad.sum()), frame.loc[bad, "pair"].tolist()[:5]))
     return failures
 
 
@@ -161,6 +191,8 @@ def validate_frame(frame: pd.DataFrame, kind: str, artifact: str | Path) -> None
     failures += run_suite(kind, frame, _expectations(kind))
     if kind in ("labelled_probing", "labelled_scr") and not failures:
         failures += _balance_failures(frame, kind)
+    if kind == "scr_pairs" and not failures:
+        failures += _headroom_failures(frame)
     if failures:
         raise ContractViolation(artifact, failures)
 

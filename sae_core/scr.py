@@ -19,6 +19,10 @@ so pooled activations and pooled codes are all that is needed. The biased probe 
 re-evaluated (not retrained) on the ablated test set, and
 
     S = (A_abl − A_base) / (A_oracle − A_base).
+
+A pair whose headroom A_oracle − A_base is small divides noise by noise (S swings by
+units when one test document flips); :func:`has_headroom` is the guard callers apply
+before scoring (SAEBench sets S to 0 below a gap of 0.001; we leave such pairs out).
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ class SCRProbes:
     acc_base: float
     acc_oracle: float
 
+    @property
+    def headroom(self) -> float:
+        """A_oracle − A_base: what removing the spurious signal can win back at most."""
+        return self.acc_oracle - self.acc_base
+
 
 @dataclass(frozen=True)
 class SCRResult:
@@ -89,6 +98,12 @@ def fit_scr_probes(data: SCRData) -> SCRProbes:
         acc_base=biased.accuracy(data.test_acts, data.test_y),
         acc_oracle=oracle.accuracy(data.test_acts, data.test_y),
     )
+
+
+def has_headroom(acc_base: float, acc_oracle: float, minimum: float) -> bool:
+    """Whether a pair can be scored: A_oracle − A_base ≥ ``minimum`` (a 1e-12 tolerance for
+    rounding, so a gap of exactly the minimum counts)."""
+    return acc_oracle - acc_base >= minimum - 1e-12
 
 
 def latent_scores(codes: Tensor | np.ndarray, z: np.ndarray, W_dec: Tensor | np.ndarray, w_z: np.ndarray) -> np.ndarray:

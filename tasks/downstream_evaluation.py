@@ -1,7 +1,9 @@
 """Sparse probing and SCR of one dictionary, given the documents' pooled activations (SPEC §7).
 
 :func:`make_tasks` turns the labelled sets into row indices and labels and fits the SCR
-probes once (they read only the activations, so every method shares them);
+probes once (they read only the activations, so every method shares them); a pair
+without headroom (A_oracle − A_base below ``scr_min_headroom``) gets no SCR task, only its
+row in the pair table (:func:`scr_pair_table`);
 :func:`evaluate_codes` scores one dictionary's pooled codes; :func:`evaluate_model` loads
 a saved model and scores it at every J it is compared at.
 """
@@ -18,7 +20,7 @@ import torch
 from sae_core.devices import resolve_device
 from sae_core.io import load_ensemble
 from sae_core.probing import full_probe_accuracy, pooled_member_codes, prefix_pooled_codes, sparse_probe_accuracy
-from sae_core.scr import SCRData, SCRProbes, fit_scr_probes, shift_curve
+from sae_core.scr import SCRData, SCRProbes, fit_scr_probes, has_headroom, shift_curve
 from tasks.common import ModelDir
 from tasks.config import DownstreamConfig
 from tasks.downstream_tokens import DocumentTokens
@@ -27,6 +29,7 @@ from tasks.labelled import LabelledSets
 PROBING_COLUMNS = ["method", "n_members", "run", "dataset", "class", "k", "accuracy"]
 SCR_COLUMNS = ["method", "n_members", "run", "pair", "n_ablated", "acc_base", "acc_ablated", "acc_oracle", "score"]
 SCR_SPLITS = ("train_biased", "train_balanced", "test")
+SCR_PAIR_COLUMNS = ["pair", "acc_base", "acc_oracle", "headroom", "min_headroom", "conditioned", "n_test"]
 
 
 @dataclass
@@ -55,8 +58,11 @@ def _rows(frame: pd.DataFrame, split: str, position: dict[str, int]) -> np.ndarr
     return np.array([position[d] for d in frame.loc[frame["split"] == split, "doc_id"]], dtype=np.int64)
 
 
-def make_tasks(sets: LabelledSets, doc_ids: list[str], pooled_acts: np.ndarray) -> tuple[dict[str, ProbingTask], dict[str, SCRTask]]:
-    """Row indices and labels of every probing task, and the fitted SCR probes per pair.
+def make_tasks(
+    sets: LabelledSets, doc_ids: list[str], pooled_acts: np.ndarray, min_headroom: float = 0.0
+) -> tuple[dict[str, ProbingTask], dict[str, SCRTask], pd.DataFrame]:
+    """Row indices and labels of every probing task, the fitted SCR probes of every pair
+    with headroom, and the pair table (SCR_PAIR_COLUMNS: every pair, with or without).
 
     ``pooled_acts``: [N, d], row i the document ``doc_ids[i]``.
     """
@@ -68,15 +74,20 @@ def make_tasks(sets: LabelledSets, doc_ids: list[str], pooled_acts: np.ndarray) 
             f.loc[f["split"] == "train", "label"].to_numpy(), f.loc[f["split"] == "test", "label"].to_numpy(),
             sorted(f["label"].unique().tolist()),
         )
-    scr = {}
+    scr, pairs = {}, []
     for pair, f in sets.scr.items():
         b, o, t = (f[f["split"] == s] for s in SCR_SPLITS)
         rb, ro, rt = (_rows(f, s, position) for s in SCR_SPLITS)
         data = SCRData(
             pooled_acts[rb], b["y"].to_numpy(), pooled_acts[ro], o["y"].to_numpy(), o["z"].to_numpy(), pooled_acts[rt], t["y"].to_numpy()
         )
-        scr[pair] = SCRTask(data, ro, rt, fit_scr_probes(data))
-    return probing, scr
+        probes = fit_scr_probes(data)
+        conditioned = has_headroom(probes.acc_base, probes.acc_oracle, min_headroom)
+        pairs.append({"pair": pair, "acc_base": probes.acc_base, "acc_oracle": probes.acc_oracle, "headroom": probes.headroom,
+                      "min_headroom": min_headroom, "conditioned": conditioned, "n_test": len(rt)})
+        if conditioned:
+            scr[pair] = SCRTask(data, ro, rt, probes)
+    return probing, scr, pd.DataFrame(pairs, columns=SCR_PAIR_COLUMNS)
 
 
 def evaluate_codes(

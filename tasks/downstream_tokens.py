@@ -52,13 +52,22 @@ class DocumentTokens:
         return mean_pool(self.acts, self.doc_index, len(self.doc_ids))
 
 
-def tokens_fingerprint(manifest: ActivationManifest, docs: pd.DataFrame, max_tokens: int) -> str:
-    """What the cached token activations depend on: model, revision, layer, context, the
-    per-document token cap and every (doc_id, text)."""
+def document_caps(docs: pd.DataFrame, cfg: DownstreamConfig) -> np.ndarray:
+    """Each document's token cap: ``sae_probes_max_tokens`` for a sae-probes text (its id
+    starts with 'sae_probes.'), ``max_tokens_per_document`` for the others. [N] int64."""
+    from tasks.sae_probes import DATASET_PREFIX
+
+    benchmark = docs["doc_id"].str.startswith(DATASET_PREFIX).to_numpy()
+    return np.where(benchmark, cfg.sae_probes_max_tokens, cfg.max_tokens_per_document).astype(np.int64)
+
+
+def tokens_fingerprint(manifest: ActivationManifest, docs: pd.DataFrame, caps: np.ndarray) -> str:
+    """What the cached token activations depend on: model, revision, layer, context and
+    every (doc_id, text, token cap)."""
     h = hashlib.sha256()
-    h.update(json.dumps([manifest.model, manifest.revision, manifest.layer, manifest.context_length, max_tokens]).encode())
-    for doc_id, text in docs[["doc_id", "text"]].itertuples(index=False):
-        h.update(doc_id.encode() + b"\x00" + text.encode() + b"\x00")
+    h.update(json.dumps([manifest.model, manifest.revision, manifest.layer, manifest.context_length]).encode())
+    for (doc_id, text), cap in zip(docs[["doc_id", "text"]].itertuples(index=False), caps):
+        h.update(doc_id.encode() + b"\x00" + text.encode() + b"\x00" + str(int(cap)).encode() + b"\x00")
     return h.hexdigest()
 
 
@@ -92,10 +101,11 @@ def document_tokens(
 ) -> tuple[DocumentTokens, bool]:
     """Token activations of ``docs`` at the manifest's model and layer, cached in ``directory``.
 
-    Each document keeps its first min(max_tokens_per_document, context − specials) tokens
-    (one window); special tokens are not pooled. Returns (tokens, extracted_now).
+    Each document keeps its first min(cap, context − specials) tokens (one window; cap:
+    :func:`document_caps`); special tokens are not pooled. Returns (tokens, extracted_now).
     """
-    fingerprint = tokens_fingerprint(manifest, docs, cfg.max_tokens_per_document)
+    caps = document_caps(docs, cfg)
+    fingerprint = tokens_fingerprint(manifest, docs, caps)
     if (directory / MANIFEST).is_file():
         try:
             cached = read_manifest(directory)
@@ -117,12 +127,13 @@ def document_tokens(
             f"model {manifest.model!r} now has revision {loaded.revision}, but the activations were extracted from "
             f"{manifest.revision}; re-run the extract stage (and the stages after it)"
         )
-    body = min(cfg.max_tokens_per_document, manifest.context_length - len(loaded.prefix_ids) - len(loaded.suffix_ids))
+    body = manifest.context_length - len(loaded.prefix_ids) - len(loaded.suffix_ids)
     token_ids = loaded.tokenizer(docs["text"].tolist(), add_special_tokens=False)["input_ids"]
     empty = [docs["doc_id"].iloc[i] for i, t in enumerate(token_ids) if not t]
     if empty:
         raise ValueError(f"documents {empty[:5]} have no tokens under {manifest.model}'s tokenizer; remove them from the dataset")
-    windows = [make_windows(i, ids[:body], manifest.context_length, loaded.prefix_ids, loaded.suffix_ids)[0] for i, ids in enumerate(token_ids)]
+    windows = [make_windows(i, ids[: min(body, int(cap))], manifest.context_length, loaded.prefix_ids, loaded.suffix_ids)[0]
+               for i, (ids, cap) in enumerate(zip(token_ids, caps))]
     bar = None
     if progress:
         from tqdm.auto import tqdm

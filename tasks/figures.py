@@ -25,6 +25,7 @@ from tasks.summaries import summarise_over_runs
 
 PROBING_FIGURE_NAME = "probing_accuracy_vs_k.png"
 SCR_FIGURE_NAME = "scr_score_vs_n.png"
+BENCHMARK_FIGURE_NAME = "probing_benchmark.png"
 INTRINSIC_GRID_NAME = "intrinsic.png"
 
 DPI = 110
@@ -218,6 +219,56 @@ def scr_figure(scr: pd.DataFrame, confidence: float):
     summary = summarise_over_runs(_at_largest_j(scr), ["pair", "method", "n_members", "n_ablated"], "score", confidence)
     return _method_panels(summary, "pair", "n_ablated", "SCR score S",
                           f"SCR (SHIFT), each method at its largest J; {confidence:.0%} CI over runs", logx=True)
+
+
+def benchmark_figure(over_tasks: pd.DataFrame, confidence: float):
+    """The sae-probes benchmark: mean accuracy over tasks against k (each method at its
+    largest J) and against J (one panel per k: bagging and boosting curves, the methods
+    scored at one J as reference lines), bands the CI over tasks.
+
+    ``over_tasks``: method, n_members, k, mean, ci_low, ci_high (as
+    :func:`tasks.probing_benchmark.mean_over_tasks` writes them); the raw baseline's dense
+    probe (k = d) is left out.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    trained = over_tasks["method"] != RAW.name
+    ks = sorted(over_tasks.loc[trained, "k"].unique()) if trained.any() else sorted(over_tasks["k"].unique())
+    frame = over_tasks[over_tasks["k"].isin(ks)]
+    fig, axes = _pyplot().subplots(1, 1 + len(ks), figsize=(PANEL_WIDTH * (1 + len(ks)) * 0.8, PANEL_HEIGHT), squeeze=False)
+    ax = axes[0][0]
+    at_top = _at_largest_j(frame)
+    for name in ordered_methods(at_top["method"]):
+        curve = at_top[at_top["method"] == name].sort_values("k")
+        spec = method(name)
+        draw_curve(ax, curve, "k", spec, spec.label if name == RAW.name else f"{spec.label} (J={int(curve['n_members'].iloc[0])})")
+    ax.set_xticks(ks)
+    ax.set_title("vs k, each method at its largest J", fontsize=TITLE_FONT)
+    ax.set_xlabel("k", fontsize=LABEL_FONT)
+    ax.set_ylabel("test accuracy, mean over tasks", fontsize=LABEL_FONT)
+    ax.legend(fontsize=SMALL_FONT)
+    for ax, k in zip(axes[0][1:], ks):
+        rows = frame[frame["k"] == k]
+        for spec in (RAW, *METHODS):
+            sub = rows[rows["method"] == spec.name]
+            if sub.empty:
+                continue
+            if spec.prefixes:
+                draw_curve(ax, sub.sort_values("n_members"), "n_members", spec, spec.label)
+            else:
+                _draw_reference(ax, sub, spec)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"vs J, k = {k}", fontsize=TITLE_FONT)
+        ax.set_xlabel("members J", fontsize=LABEL_FONT)
+        unique = _unique_handles(ax)
+        ax.legend(unique.values(), unique.keys(), fontsize=NOTE_FONT)
+    for ax in axes[0]:
+        ax.grid(alpha=GRID_ALPHA)
+        ax.tick_params(labelsize=SMALL_FONT)
+    n_tasks = int(over_tasks["n_tasks"].max()) if "n_tasks" in over_tasks else 0
+    fig.suptitle(f"sae-probes benchmark: sparse probing over {n_tasks} tasks; bands: {confidence:.0%} CI over tasks", fontsize=TITLE_FONT)
+    fig.tight_layout()
+    return fig
 
 
 def plot_downstream(probing: pd.DataFrame, scr: pd.DataFrame, directory: Path, confidence: float = 0.95) -> list[Path]:

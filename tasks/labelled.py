@@ -4,12 +4,18 @@ Probing sets: BBC articles by topic (5 classes) and tweets by sentiment (positiv
 negative), or any file / hub dataset with ``text`` and ``label`` columns. Balanced: every
 class gets the same number of documents in train and in test, a seeded sample.
 
-The SCR set is built the way bias_in_bios labels gender: BBC articles are split into
-paragraphs on blank lines; a paragraph's gender is the gender of its third-person
-pronouns (he/him/his/himself vs she/her/hers/herself), and paragraphs with pronouns of
-both genders or none are dropped. For a topic pair (y) the biased train split holds only
-the two cells on one diagonal (y = z), oriented so that the diagonal has the larger
-cells; the balanced train and test splits take equal numbers from all four cells.
+SCR sets (:func:`scr_split`): the biased train split holds only the two cells on one
+diagonal (y = z); the balanced train and test splits take equal numbers from all four
+cells. Splits take whole documents: every row of a document (a BBC article's paragraphs)
+lands in one split, so no split shares a document with another. Sources:
+
+- BBC topic pairs, built the way bias_in_bios labels gender: articles are split into
+  paragraphs on blank lines; a paragraph's gender is the gender of its third-person
+  pronouns (he/him/his/himself vs she/her/hers/herself), and paragraphs with pronouns of
+  both genders or none are dropped; the diagonal is oriented so that its cells are the
+  larger ones.
+- the sae-probes benchmark (:mod:`tasks.sae_probes`): two labels of the same names, or
+  a spurious cue planted into one half of a task's texts.
 
 :func:`build_labelled_sets` gathers every set a downstream config asks for.
 """
@@ -35,7 +41,7 @@ _WORD = re.compile(r"[a-z]+")
 
 
 class CellTooSmall(ValueError):
-    """An SCR cell holds fewer paragraphs than ``scr_min_cell``."""
+    """An SCR cell holds fewer rows than ``scr_min_cell``."""
 
 
 def pronoun_gender(text: str) -> str | None:
@@ -53,7 +59,7 @@ def _source(name: str) -> pd.DataFrame:
     return load_source(CorpusSource(name=name, label_column="label"))
 
 
-def _balanced_split(frame: pd.DataFrame, classes: list[str], cap: int, seed: int, dataset: str) -> pd.DataFrame:
+def balanced_split(frame: pd.DataFrame, classes: list[str], cap: int, seed: int, dataset: str) -> pd.DataFrame:
     """n = min(cap, smallest class // 2) documents per class in train and in test, seeded."""
     counts = frame["label"].value_counts()
     missing = [c for c in classes if counts.get(c, 0) < 2]
@@ -86,12 +92,13 @@ def probing_set(name: str, max_per_class: int, seed: int) -> pd.DataFrame:
     if len(classes) < 2:
         raise ValueError(f"probing set {name!r} needs at least 2 labels; found {classes}")
     label = "bbc" if name == "bbc" else "tweets" if name == "tweets" else re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-    return _balanced_split(frame, classes, max_per_class, seed, label)
+    return balanced_split(frame, classes, max_per_class, seed, label)
 
 
 @lru_cache(maxsize=1)
 def bbc_paragraphs() -> pd.DataFrame:
-    """BBC paragraphs with one pronoun gender: doc_id ('<article>#p<i>'), text, topic, gender.
+    """BBC paragraphs with one pronoun gender: doc_id ('<article>#p<i>'), document (the
+    article), text, topic, gender.
 
     Paragraphs are the blank-line-separated blocks of each article (the first is the
     headline); shorter than MIN_PARAGRAPH_WORDS words or repeated texts are dropped.
@@ -105,13 +112,124 @@ def bbc_paragraphs() -> pd.DataFrame:
                 continue
             gender = pronoun_gender(para)
             if gender is not None:
-                rows.append((f"{doc_id}#p{i}", para, topic, gender))
-    frame = pd.DataFrame(rows, columns=["doc_id", "text", "topic", "gender"])
+                rows.append((f"{doc_id}#p{i}", doc_id, para, topic, gender))
+    frame = pd.DataFrame(rows, columns=["doc_id", "document", "text", "topic", "gender"])
     return frame.drop_duplicates(subset="text", keep="first").reset_index(drop=True)
 
 
 def pair_name(pair: tuple[str, str]) -> str:
     return f"{pair[0]}-{pair[1]}"
+
+
+SCR_SOURCE_COLUMNS = ["doc_id", "document", "text", "label", "spurious", "y", "z"]
+CELL_COLUMNS = ["pair", "label", "spurious", "y", "z", "available", "train_biased", "train_balanced", "test"]
+
+
+def split_quotas(counts: dict[tuple[int, int], int], cap: int) -> tuple[int, int]:
+    """(t, b): rows per cell for test and for balanced train (t each), and per diagonal
+    cell for biased train (b). Off-diagonal cells give 2t, diagonal ones 2t + b, b ≥ t."""
+    off = min(counts[(0, 1)], counts[(1, 0)])
+    diag = min(counts[(0, 0)], counts[(1, 1)])
+    t = min(cap, off // 2, diag // 3)
+    return t, min(cap, diag - 2 * t)
+
+
+def scr_split(
+    source: pd.DataFrame, name: str, *, max_per_cell: int, min_cell: int, seed: int, unit: str = "rows", kind: str = "pair"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split an SCR source frame (SCR_SOURCE_COLUMNS; y = z is the biased diagonal) by
+    whole documents into train_biased, train_balanced and test; returns the labelled_scr
+    frame and its cell counts (CELL_COLUMNS).
+
+    Per (y, z) cell: t rows to test and t to the balanced train split, and b rows of each
+    diagonal cell to the biased one (:func:`split_quotas`, at most ``max_per_cell``); z
+    is recoded (1 − z) when the other diagonal gives a larger t.
+    Documents are visited in a seeded order; a document goes to the first split (test,
+    balanced, biased) whose quota still takes one of its rows, with every row that fits
+    (its other rows are dropped), so no document is in two splits. Cells then are cut to
+    equal counts (the two diagonal cells of the biased split to equal counts).
+
+    Raises :class:`CellTooSmall` naming the set and every cell below ``min_cell`` (counted
+    in ``unit``; ``kind`` names what to choose instead).
+    """
+    cells = [(y, z) for y in (0, 1) for z in (0, 1)]
+    counts = source.groupby(["y", "z"]).size().to_dict()
+    flipped = {(y, 1 - z): n for (y, z), n in counts.items()}
+    if all(c in counts for c in cells) and split_quotas(flipped, max_per_cell)[0] > split_quotas(counts, max_per_cell)[0]:
+        # the other diagonal leaves more rows per cell: z = 1 is the other spurious value
+        source, counts = source.assign(z=1 - source["z"]), flipped
+    names = source.groupby(["y", "z"])[["label", "spurious"]].first()
+    small = {c: counts.get(c, 0) for c in cells if counts.get(c, 0) < min_cell}
+    if small:
+        listed = ", ".join(
+            f"({names.loc[c, 'label']}, {names.loc[c, 'spurious']}) has {n}" if c in names.index else f"(y={c[0]}, z={c[1]}) has 0"
+            for c, n in small.items()
+        )
+        raise CellTooSmall(
+            f"SCR pair {name}: cell {listed} {unit}, fewer than scr_min_cell={min_cell}; "
+            f"choose another {kind} or lower scr_min_cell"
+        )
+    t, b = split_quotas(counts, max_per_cell)
+    quota = {"test": dict.fromkeys(cells, t), "train_balanced": dict.fromkeys(cells, t),
+             "train_biased": {c: (b if c[0] == c[1] else 0) for c in cells}}
+    rng = np.random.default_rng(seed)
+    documents = np.sort(source["document"].unique())
+    order = {d: i for i, d in enumerate(documents[rng.permutation(len(documents))])}
+    ordered = source.assign(_order=source["document"].map(order)).sort_values(["_order", "doc_id"])
+    keys = list(zip(ordered["y"].tolist(), ordered["z"].tolist()))
+    bounds = np.flatnonzero(np.diff(ordered["_order"].to_numpy(), prepend=-1, append=len(documents)))
+    split: list[str | None] = [None] * len(ordered)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # the rows of one document
+        for name_ in ("test", "train_balanced", "train_biased"):
+            left = dict(quota[name_])
+            taken = []
+            for i in range(lo, hi):
+                if left[keys[i]] > 0:
+                    left[keys[i]] -= 1
+                    taken.append(i)
+            if taken:
+                quota[name_] = left
+                for i in taken:
+                    split[i] = name_
+                break
+    frame = ordered.assign(split=split).dropna(subset=["split"]).drop(columns="_order")
+    # equal cells: test and balanced over the four cells, biased over its diagonal
+    parts = []
+    for name_, part in frame.groupby("split"):
+        n = part.groupby(["y", "z"]).size().min()
+        parts.append(part.groupby(["y", "z"], group_keys=False).head(n))
+    frame = pd.concat(parts)
+    cell_rows = []
+    for (y, z) in cells:
+        in_cell = frame[(frame["y"] == y) & (frame["z"] == z)]
+        cell_rows.append({"pair": name, "label": names.loc[(y, z), "label"], "spurious": names.loc[(y, z), "spurious"], "y": y, "z": z,
+                          "available": counts[(y, z)], **{s: int((in_cell["split"] == s).sum()) for s in ("train_biased", "train_balanced", "test")}})
+    frame = frame.assign(dataset=f"scr_{name}")[["doc_id", "document", "dataset", "text", "label", "spurious", "y", "z", "split"]]
+    frame = frame.astype({"y": int, "z": int}).sort_values(["split", "y", "z", "doc_id"]).reset_index(drop=True)
+    return frame, pd.DataFrame(cell_rows, columns=CELL_COLUMNS)
+
+
+def bbc_scr_source(pair: tuple[str, str], paragraphs: pd.DataFrame) -> pd.DataFrame:
+    """The SCR source frame of a BBC topic pair: y = 1 for ``pair[1]``; z = 1 for the
+    gender that ``pair[1]`` is paired with in the biased split, chosen so that the
+    diagonal (y = z) cells are the larger ones."""
+    a, b = pair
+    topics = sorted(paragraphs["topic"].unique())
+    unknown = [t for t in pair if t not in topics]
+    if unknown:
+        raise ValueError(f"SCR pair {pair_name(pair)}: unknown BBC topic(s) {unknown}; topics are {topics}")
+    rows = paragraphs[paragraphs["topic"].isin(pair)]
+    size = rows.groupby(["topic", "gender"]).size()
+
+    def diagonal_min(g1: str) -> int:
+        g0 = "female" if g1 == "male" else "male"
+        return min(int(size.get((a, g0), 0)), int(size.get((b, g1), 0)))
+
+    g1 = max(GENDERS, key=diagonal_min)
+    return pd.DataFrame({
+        "doc_id": rows["doc_id"], "document": rows["document"], "text": rows["text"], "label": rows["topic"],
+        "spurious": rows["gender"], "y": (rows["topic"] == b).astype(int), "z": (rows["gender"] == g1).astype(int),
+    })
 
 
 def scr_set(
@@ -122,61 +240,10 @@ def scr_set(
     min_cell: int,
     seed: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The SCR set of one topic pair, and its cell counts.
-
-    y = 1 for ``pair[1]``; z = 1 for the gender that ``pair[1]`` is paired with in the
-    biased split, so y = z on every biased row. Per cell (seeded order): the first t go
-    to test, the next o to the balanced train split, t = o = min(cap, n_min // 2) with
-    n_min the smallest cell; the biased split takes min(cap, smallest diagonal cell − t)
-    from each diagonal cell after its test documents (it may share documents with the
-    balanced train split, never with test).
-
-    Raises :class:`CellTooSmall` naming the pair and every cell below ``min_cell``.
-    """
-    a, b = pair
-    topics = sorted(paragraphs["topic"].unique())
-    unknown = [t for t in pair if t not in topics]
-    if unknown:
-        raise ValueError(f"SCR pair {pair_name(pair)}: unknown BBC topic(s) {unknown}; topics are {topics}")
-    rng = np.random.default_rng(seed)
-    cells: dict[tuple[str, str], pd.DataFrame] = {}
-    for topic in pair:
-        for gender in GENDERS:
-            rows = paragraphs[(paragraphs["topic"] == topic) & (paragraphs["gender"] == gender)].sort_values("doc_id")
-            cells[(topic, gender)] = rows.iloc[rng.permutation(len(rows))]
-    small = {c: len(r) for c, r in cells.items() if len(r) < min_cell}
-    if small:
-        listed = ", ".join(f"({t}, {g}) has {n}" for (t, g), n in small.items())
-        raise CellTooSmall(
-            f"SCR pair {pair_name(pair)}: cell {listed} paragraphs, fewer than scr_min_cell={min_cell}; "
-            "choose another topic pair or lower scr_min_cell"
-        )
-    n_min = min(len(r) for r in cells.values())
-    t = min(max_per_cell, n_min // 2)
-    o = min(max_per_cell, n_min - t)
-    # orientation: pair[1] goes with the gender that makes the diagonal cells largest
-    def diagonal(g1: str) -> tuple[tuple[str, str], tuple[str, str]]:
-        g0 = "female" if g1 == "male" else "male"
-        return (a, g0), (b, g1)
-
-    g1 = max(GENDERS, key=lambda g: min(len(cells[c]) for c in diagonal(g)))
-    diag = diagonal(g1)
-    n_biased = min(max_per_cell, min(len(cells[c]) for c in diag) - t)
-    parts, counts = [], []
-    for (topic, gender), rows in cells.items():
-        y, z = int(topic == b), int(gender == g1)
-        biased = rows.iloc[t : t + n_biased] if (topic, gender) in diag else rows.iloc[:0]
-        for split, chosen in (("test", rows.iloc[:t]), ("train_balanced", rows.iloc[t : t + o]), ("train_biased", biased)):
-            parts.append(chosen.assign(split=split, y=y, z=z))
-        counts.append(
-            {"pair": pair_name(pair), "topic": topic, "gender": gender, "y": y, "z": z, "available": len(rows),
-             "train_biased": len(biased), "train_balanced": o, "test": t}
-        )
-    frame = pd.concat(parts, ignore_index=True)
-    frame = frame.rename(columns={"topic": "label", "gender": "spurious"}).assign(dataset=f"scr_{pair_name(pair)}")
-    frame = frame[["doc_id", "dataset", "text", "label", "spurious", "y", "z", "split"]]
-    frame = frame.sort_values(["split", "y", "z", "doc_id"]).reset_index(drop=True)
-    return frame, pd.DataFrame(counts)
+    """The SCR set of one BBC topic pair and its cell counts (:func:`bbc_scr_source`
+    split by whole articles with :func:`scr_split`)."""
+    return scr_split(bbc_scr_source(pair, paragraphs), pair_name(pair), max_per_cell=max_per_cell, min_cell=min_cell, seed=seed,
+                     unit="paragraphs", kind="topic pair")
 
 
 @dataclass
@@ -184,8 +251,9 @@ class LabelledSets:
     """Every labelled set of one downstream config.
 
     probing: dataset name -> its labelled_probing frame.
-    scr: pair name ('<a>-<b>') -> its labelled_scr frame.
-    cells: the scr_cells table (documents per pair, topic, gender and split); empty without pairs.
+    scr: pair name -> its labelled_scr frame ('<a>-<b>' for BBC topics, '<y task>-vs-<z task>'
+    for two sae-probes labels, 'planted-<task>' for a planted cue).
+    cells: the scr_cells table (rows per pair, cell and split); empty without pairs.
     """
 
     probing: dict[str, pd.DataFrame]
@@ -202,19 +270,36 @@ class LabelledSets:
         return docs
 
 
+def joined_pair_name(y_task: str, z_task: str) -> str:
+    return f"{y_task}-vs-{z_task}"
+
+
+def planted_pair_name(task: str) -> str:
+    return f"planted-{task}"
+
+
 def build_labelled_sets(cfg: DownstreamConfig) -> LabelledSets:
     """The probing sets and the SCR sets of ``cfg`` (deterministic for a given seed; the
-    i-th SCR pair is drawn with seed + i)."""
+    i-th SCR set is drawn with seed + i, BBC pairs first, then the sae-probes ones)."""
+    from tasks import sae_probes
+
     probing = {}
     for name in cfg.probing_datasets:
         frame = probing_set(name, cfg.max_documents_per_class, cfg.seed)
         probing[frame["dataset"].iloc[0]] = frame
-    scr, cells = {}, []
+    # (source, its name, how its rows and what to choose instead are called in errors); the cheap BBC sets first,
+    # so a config error there surfaces before the benchmark is read
+    sources: list[tuple[str, pd.DataFrame, str, str]] = []
     if cfg.scr_pairs:
         paragraphs = bbc_paragraphs()
-        for i, pair in enumerate(cfg.scr_pairs):
-            frame, counts = scr_set(pair, paragraphs, max_per_cell=cfg.scr_max_documents_per_cell,
-                                    min_cell=cfg.scr_min_cell, seed=cfg.seed + i)
-            scr[pair_name(pair)] = frame
-            cells.append(counts)
+        sources += [(pair_name(p), bbc_scr_source(p, paragraphs), "paragraphs", "topic pair") for p in cfg.scr_pairs]
+    sources += [(joined_pair_name(y, z), sae_probes.joined_scr_frame(y, z), "texts", "pair of tasks") for y, z in cfg.scr_sae_probes]
+    sources += [(planted_pair_name(t), sae_probes.planted_scr_frame(t, cfg.seed), "texts", "task") for t in cfg.scr_planted]
+    scr, cells = {}, []
+    for i, (name, source, unit, kind) in enumerate(sources):
+        frame, counts = scr_split(source, name, max_per_cell=cfg.scr_max_documents_per_cell, min_cell=cfg.scr_min_cell,
+                                  seed=cfg.seed + i, unit=unit, kind=kind)
+        scr[name] = frame
+        cells.append(counts)
+    probing.update(sae_probes.probing_sets(cfg.sae_probes_tasks, cfg.sae_probes_documents_per_class, cfg.seed))
     return LabelledSets(probing, scr, pd.concat(cells, ignore_index=True) if cells else pd.DataFrame())

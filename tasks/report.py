@@ -26,6 +26,7 @@ import pandas as pd
 
 from data_contracts import UnknownArtifact, validate
 from data_contracts.activations import ActivationManifest, read_manifest
+from tasks import downstream_report
 from tasks import report_sections as sections
 from tasks.common import (
     ACTIVATIONS_DIR,
@@ -54,6 +55,7 @@ PRODUCER = {
     sections.TOP_CONTEXTS_FILE: "evaluate",
     sections.PROBING_FILE: "downstream",
     sections.SCR_FILE: "downstream",
+    downstream_report.PAIRS_FILE: "downstream",
     MANIFEST_FILE: "extract",
 }
 
@@ -158,8 +160,10 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> Doc
     doc.blocks += sections.operating_point_section(summary)
     doc.blocks += sections.claims_section(summary, confidence, d=manifest.d if manifest is not None else None)
     doc.blocks += sections.intrinsic_section(summary, figures, confidence, tokens_evaluated(cfg, manifest))
-    doc.blocks += sections.probing_section(read.table(sections.PROBING_FILE), confidence)
-    doc.blocks += sections.scr_section(read.table(sections.SCR_FILE), confidence)
+    doc.blocks += downstream_report.probing_sections(read.table(sections.PROBING_FILE), confidence)
+    pairs = read.table(downstream_report.PAIRS_FILE) if (run_dir / downstream_report.PAIRS_FILE).is_file() else None
+    scr = read.table(sections.SCR_FILE) if downstream_report.has_scored_pairs(pairs) else None
+    doc.blocks += downstream_report.scr_section(scr, pairs, confidence)
     doc.blocks += sections.extra_downstream_tables(read.extra_downstream_tables())
     doc.blocks += sections.downstream_figures_section(figures)
     doc.blocks += sections.top_contexts_section(read.table(sections.TOP_CONTEXTS_FILE))

@@ -15,16 +15,16 @@ import torch
 from data_contracts import ContractViolation, validate
 from data_contracts.activations import load_split, write_shard
 from data_contracts.core import write_parquet_atomic
-from data_contracts.labelled import SCHEMAS, read_table, write_table
+from data_contracts.labelled import SCHEMAS, read_table, validate_frame, write_table
 from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging, train_boosting, train_expanded, train_single
 from sae_core.extraction import ActivationBatch
 from sae_core.io import load_ensemble
 from sae_core.probing import pooled_codes, sparse_probe_accuracy
 from tasks.common import ModelDir
 from tasks.config import CorpusSource, DownstreamConfig, ExtractConfig
-from tasks.downstream import PROBING_FIGURE, SCR_FIGURE, run_downstream
+from tasks.downstream import BENCHMARK_FIGURE, PROBING_FIGURE, SCR_FIGURE, run_downstream
 from tasks.extract import document_blocks, run_extraction, write_batch_by_document
-from tasks.labelled import CellTooSmall, bbc_paragraphs, pronoun_gender, probing_set, scr_set
+from tasks.labelled import CellTooSmall, split_quotas, bbc_paragraphs, pronoun_gender, probing_set, scr_set
 from tests.tiny_models import TEXTS, build_tiny_model
 
 
@@ -50,22 +50,51 @@ def test_scr_splits_have_the_intended_correlations(paragraphs):
         counts = part.groupby(["y", "z"]).size()
         assert len(counts) == 4 and counts.nunique() == 1
         assert np.corrcoef(part["y"], part["z"])[0, 1] == pytest.approx(0.0, abs=1e-12)
-    # test never shares a paragraph with training; y is the topic, z the gender
-    assert not set(frame.loc[frame["split"] == "test", "doc_id"]) & set(frame.loc[frame["split"] != "test", "doc_id"])
+    # y is the topic, z the gender
     assert frame.groupby("label")["y"].nunique().max() == 1 and frame.groupby("spurious")["z"].nunique().max() == 1
     assert all(pronoun_gender(t) == g for t, g in zip(frame["text"], frame["spurious"]))
-    # cell counts: tech/female is the smallest cell (43 paragraphs) -> 21 test, 22 balanced per cell
-    c = cells.set_index(["topic", "gender"])
-    assert c.loc[("tech", "female"), "available"] == 43
-    assert (c["test"] == 21).all() and (c["train_balanced"] == 22).all()
-    # the biased diagonal is the one with the larger cells: politics/female (67) with tech/male (348)
-    assert c.loc[("politics", "female"), "train_biased"] == 30 and c.loc[("tech", "male"), "train_biased"] == 30
+    # cells: politics/female 67, politics/male 1017, tech/female 43, tech/male 348. The diagonal with the larger
+    # cells pairs tech with male (min(67, 348) = 67 > min(1017, 43) = 43): quotas t = min(30, 43 // 2, 67 // 3) = 21
+    # per cell for test and for balanced train, b = min(30, 67 − 2·21) = 25 per diagonal cell for biased train
+    c = cells.set_index(["label", "spurious"])
+    assert c.loc[("tech", "female"), "available"] == 43 and c.loc[("politics", "female"), "available"] == 67
+    assert c.loc[("tech", "male"), "z"] == 1 and c.loc[("politics", "female"), "z"] == 0
+    assert (c["test"] <= 21).all() and (c["train_balanced"] <= 21).all() and c["test"].min() >= 15
+    assert c.loc[("politics", "female"), "train_biased"] == c.loc[("tech", "male"), "train_biased"] > 15
+    assert c.loc[("politics", "female"), "train_biased"] <= 25
     assert c.loc[("politics", "male"), "train_biased"] == 0 and c.loc[("tech", "female"), "train_biased"] == 0
     assert cells["test"].sum() == (frame["split"] == "test").sum()
 
 
+def test_scr_splits_share_no_document(paragraphs):
+    """Whole documents: every paragraph of an article sits in one split (the paragraphs of one
+    article used to land in train and test), and no paragraph is in two splits."""
+    frame, _ = scr_set(("entertainment", "sports"), paragraphs, max_per_cell=30, min_cell=20, seed=3)
+    assert frame.groupby("document")["split"].nunique().max() == 1
+    assert not frame["doc_id"].duplicated().any()
+    assert (frame["document"] == frame["doc_id"].str.split("#").str[0]).all()
+    # several articles contribute more than one paragraph: the constraint binds
+    assert frame.groupby("document").size().max() > 1
+    splits = {s: set(frame.loc[frame["split"] == s, "document"]) for s in ("train_biased", "train_balanced", "test")}
+    assert not (splits["test"] & splits["train_biased"]) and not (splits["test"] & splits["train_balanced"])
+    assert not (splits["train_biased"] & splits["train_balanced"])
+    # the contract rejects a set whose splits share a document
+    broken = frame.copy()
+    row = broken.index[broken["split"] == "test"][0]
+    broken.loc[row, "document"] = broken.loc[broken["split"] == "train_biased", "document"].iloc[0]
+    with pytest.raises(ContractViolation, match="splits share no document"):
+        validate_frame(broken, "labelled_scr", "scr.parquet")
+
+
+def test_scrsplit_quotas_hand_case():
+    """t = min(cap, smallest off-diagonal cell // 2, smallest diagonal cell // 3); b = min(cap, diagonal − 2t)."""
+    assert split_quotas({(0, 0): 90, (0, 1): 40, (1, 0): 50, (1, 1): 60}, 100) == (20, 20)  # t = min(40 // 2, 60 // 3)
+    assert split_quotas({(0, 0): 90, (0, 1): 40, (1, 0): 50, (1, 1): 60}, 10) == (10, 10)
+    assert split_quotas({(0, 0): 31, (0, 1): 100, (1, 0): 100, (1, 1): 100}, 100) == (10, 11)  # 31 // 3, 31 − 20
+
+
 def test_too_small_cell_names_the_pair_and_the_cell(paragraphs):
-    with pytest.raises(CellTooSmall, match=r"SCR pair business-sports: cell \(business, female\) has 37 paragraphs.*scr_min_cell=40"):
+    with pytest.raises(CellTooSmall, match=r"SCR pair business-sports: cell \(business, female\) has 37 paragraphs.*scr_min_cell=40; choose another topic pair"):
         scr_set(("business", "sports"), paragraphs, max_per_cell=30, min_cell=40, seed=0)
     with pytest.raises(ValueError, match="unknown BBC topic"):
         scr_set(("business", "sport"), paragraphs, max_per_cell=30, min_cell=5, seed=0)
@@ -166,8 +195,11 @@ def test_document_blocks_are_the_extraction_plan_chunks():
 
 # ----------------------------------------------------------------------- end to end
 SMALL = dict(
-    probing_ks=[1, 2], max_documents_per_class=4, max_tokens_per_document=12, scr_pairs=[("entertainment", "sports")],
+    probing_datasets=["bbc", "tweets"], probing_ks=[1, 2], max_documents_per_class=4, max_tokens_per_document=12,
+    sae_probes_max_tokens=6, scr_pairs=[("entertainment", "sports")],
     scr_n_ablated=[1, 4], scr_min_cell=10, scr_max_documents_per_cell=6, batch_size=16,
+    sae_probes_tasks=["glue_sst2", "5_hist_fig_ismale"], sae_probes_documents_per_class=4,
+    scr_sae_probes=[("hist_fig_ismale", "hist_fig_isamerican")], scr_planted=[], scr_min_headroom=0.0,
 )
 
 
@@ -203,19 +235,37 @@ def test_run_downstream_tables(trained_run):
     keys = set(map(tuple, probing[["method", "n_members", "run"]].drop_duplicates().to_numpy().tolist()))
     assert keys == {("raw", 0, 0), ("single", 1, 0), ("expanded", 2, 0), ("bagging", 1, 0), ("bagging", 2, 0),
                     ("bagging", 1, 1), ("bagging", 2, 1), ("boosting", 1, 0), ("boosting", 2, 0)}
-    # per dictionary: bbc 5 classes + tweets 1 task, k ∈ {1, 2}; raw also has the dense probe (k = d = 32)
+    # per dictionary: bbc 5 classes + tweets 1 task + 2 sae-probes tasks (one probe each), k ∈ {1, 2};
+    # raw also has the dense probe (k = d = 32)
     per_key = probing.groupby(["method", "n_members", "run"]).size()
-    assert (per_key.drop(("raw", 0, 0)) == 6 * 2).all() and per_key[("raw", 0, 0)] == 6 * 3
+    assert (per_key.drop(("raw", 0, 0)) == 8 * 2).all() and per_key[("raw", 0, 0)] == 8 * 3
     assert set(probing.loc[probing["method"] == "raw", "k"]) == {1, 2, 32}
     assert probing["accuracy"].between(0, 1).all()
-    # SCR: the probes depend only on the activations, so A_base and A_oracle are shared by every method
-    assert len(scr) == 9 * 2 and scr["acc_base"].nunique() == 1 and scr["acc_oracle"].nunique() == 1
-    n_test = int(cells["test"].sum())
-    gap = np.maximum(scr["acc_oracle"] - scr["acc_base"], 1 / n_test)
-    np.testing.assert_allclose(scr["score"], (scr["acc_ablated"] - scr["acc_base"]) / gap)
-    assert set(cells["pair"]) == {"entertainment-sports"} and (cells["test"] == 6).all() and (cells["train_balanced"] == 6).all()
-    assert sorted(cells["train_biased"].tolist()) == [0, 0, 6, 6]
+    assert {"sae_probes.glue_sst2", "sae_probes.hist_fig_ismale"} <= set(probing["dataset"])
+    benchmark = validate(run / "downstream" / "datasets" / "probe_sae_probes.parquet")  # every task in one file
+    assert set(benchmark["dataset"]) == {"sae_probes.glue_sst2", "sae_probes.hist_fig_ismale"}
+    sst2 = benchmark[benchmark["dataset"] == "sae_probes.glue_sst2"]
+    assert sst2.groupby(["split", "label"]).size().eq(4).all() and sorted(sst2["label"].unique()) == ["0", "1"]
+    # sae-probes texts keep at most sae_probes_max_tokens = 6 tokens, the others max_tokens_per_document = 12
+    tokens = pq.read_table(run / "downstream" / "activations" / "split=train" / "shard-00000.parquet", columns=["doc_id"]).to_pandas()
+    per_doc = tokens.groupby("doc_id").size()
+    is_benchmark = per_doc.index.str.startswith("sae_probes.")
+    assert per_doc[is_benchmark].max() == 6 and per_doc[~is_benchmark].max() == 12
+    # SCR: every pair in the pair table; only those with headroom ≥ scr_min_headroom are scored
+    pairs = validate(run / "downstream" / "scr_pairs.parquet").set_index("pair")
+    assert set(pairs.index) == {"entertainment-sports", "hist_fig_ismale-vs-hist_fig_isamerican"}
+    assert (pairs["conditioned"] == (pairs["acc_oracle"] - pairs["acc_base"] >= 0)).all() and pairs["conditioned"].any()
+    assert set(scr["pair"]) == set(pairs.index[pairs["conditioned"]])
+    # the probes depend only on the activations, so A_base and A_oracle are shared by every method
+    assert len(scr) == 9 * 2 * pairs["conditioned"].sum()
+    for pair, rows in scr.groupby("pair"):
+        assert rows["acc_base"].nunique() == 1 and rows["acc_base"].iloc[0] == pytest.approx(pairs.loc[pair, "acc_base"])
+        gap = np.maximum(rows["acc_oracle"] - rows["acc_base"], 1 / pairs.loc[pair, "n_test"])
+        np.testing.assert_allclose(rows["score"], (rows["acc_ablated"] - rows["acc_base"]) / gap)
+    assert set(cells["pair"]) == set(pairs.index) and (cells["train_balanced"] == cells["test"]).all()
+    assert (cells["test"] <= 6).all() and (cells.groupby("pair")["train_biased"].apply(lambda v: sorted(v)[:2]) == [[0, 0]] * 2).all()
     assert (run / PROBING_FIGURE).stat().st_size > 1000 and (run / SCR_FIGURE).stat().st_size > 1000
+    assert (run / BENCHMARK_FIGURE).stat().st_size > 1000
     assert any("entertainment-sports" in n for n in result.notes) and result.did_work
     assert seconds < 60
 

@@ -158,3 +158,25 @@ def test_probe_solver_matches_lbfgs():
     ref = LogisticRegression(max_iter=10_000, tol=1e-10).fit((x - probe.mean) / probe.scale, y)
     np.testing.assert_allclose(probe.coef, ref.coef_[0], rtol=1e-4, atol=1e-5)
     assert probe.intercept == pytest.approx(float(ref.intercept_[0]), abs=1e-5)
+
+
+@pytest.mark.parametrize(("n", "m", "separable", "C"), [(60, 1, False, 1.0), (60, 10, False, 1.0), (150, 6, True, 1.0),
+                                                       (40, 64, False, 1.0), (200, 3, False, 0.01), (30, 5, True, 100.0)])
+def test_newton_logistic_matches_scikit_learn(n, m, separable, C):
+    """The fast path of fit_probe against the slow one: scikit-learn's newton-cholesky on the same
+    standardised features, run to a tight tolerance; coefficients, intercept and predictions agree."""
+    from sklearn.linear_model import LogisticRegression
+
+    from sae_core.probing import newton_logistic
+
+    rng = np.random.default_rng(n + m)
+    x = rng.normal(size=(n, m))
+    signal = x @ rng.normal(size=m)
+    y = (signal > 0 if separable else signal + rng.normal(size=n) > 0).astype(int)
+    z = (x - x.mean(0)) / x.std(0)
+    coef, intercept = newton_logistic(z, y.astype(float), C)
+    ref = LogisticRegression(C=C, solver="newton-cholesky", tol=1e-12, max_iter=1000).fit(z, y)
+    np.testing.assert_allclose(coef, ref.coef_[0], rtol=1e-6, atol=1e-6)
+    assert intercept == pytest.approx(float(ref.intercept_[0]), abs=1e-6)
+    probe = fit_probe(x, y, C=C)
+    np.testing.assert_array_equal(probe.predict(x), ref.predict(z))
