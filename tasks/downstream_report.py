@@ -28,7 +28,7 @@ from tasks.probing_benchmark import (
     task_accuracies,
 )
 from tasks.report_doc import Block, Heading, Missing, Paragraph, Table
-from tasks.report_sections import PROBING_FILE, SCR_FILE, needs, probing_section
+from tasks.report_sections import SCR_FILE, needs, probing_section
 from tasks.report_tables import scr_table
 from tasks.sae_probes import DATASET_PREFIX
 from tasks.summaries import format_ci
@@ -94,16 +94,17 @@ def per_task_table(probing: pd.DataFrame) -> pd.DataFrame:
     return frame.rename_axis("task").reset_index().round(3)
 
 
-def _outside_sentences(diffs: pd.DataFrame) -> str:
+def _outside_sentences(diffs: pd.DataFrame, confidence: float) -> str:
+    """Which paired differences exclude 0, with their values; how many do not."""
     outside = diffs[diffs["outside_ci"]]
     if outside.empty:
-        return "No difference between two methods is outside its CI at any k."
+        return f"No difference between two methods is outside its {confidence:.0%} CI at any k."
     parts = []
     for (a, b), g in outside.groupby(["a", "b"], sort=False):
         ks = ", ".join(f"k={int(r.k)}: {r.difference:+.3f}" for r in g.itertuples())
         parts.append(f"{a} − {b} ({ks})")
     inside = len(diffs) - len(outside)
-    return (f"Differences outside their {{conf}} CIs (paired over tasks): " + "; ".join(parts)
+    return (f"Differences outside their {confidence:.0%} CIs (paired over tasks): " + "; ".join(parts)
             + f". The other {inside} differences (method pair × k) are inside their CIs.")
 
 
@@ -132,7 +133,7 @@ def benchmark_section(probing: pd.DataFrame, confidence: float) -> list[Block]:
     if len(diffs):
         blocks += [
             Heading(3, "Which differences are outside their CIs"),
-            Paragraph(_outside_sentences(diffs).replace("{conf}", f"{confidence:.0%}") + " Each cell: mean over tasks of "
+            Paragraph(_outside_sentences(diffs, confidence) + " Each cell: mean over tasks of "
                       "accuracy(a) − accuracy(b) with its interval over the tasks' differences; * where it excludes 0. "
                       "Pairing by task removes the tasks' difficulty, so these intervals are much narrower than the means'."),
             Table(differences_table(diffs), name="probing_benchmark_differences"),
@@ -188,5 +189,3 @@ def scr_section(scr: pd.DataFrame | None, pairs: pd.DataFrame | None, confidence
         Table(scr_table(scr, confidence), name="scr"),
     ]
 
-
-__all__ = ["PAIRS_FILE", "PROBING_FILE", "probing_sections", "scr_section", "has_scored_pairs"]
