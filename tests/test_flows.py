@@ -149,7 +149,7 @@ def test_a_stage_run_alone_without_its_inputs_names_the_stage_to_run_first(prefe
     ("train:\n  d_sae: 64\n  d_sea: 3\n", ["section 'train'", "unknown key 'train.d_sea'", "known keys here:", "d_sae"]),
     ("evaluate:\n  batch_size: lots\n", ["section 'evaluate'", "evaluate.batch_size", "valid integer", "'lots'"]),
     ("extract:\n  corpus:\n    - {name: bbc, colour: red}\n", ["extract.corpus.0.colour", "unknown key"]),
-    ("trian:\n  d_sae: 3\n", ["unknown key 'trian'", "known keys here: downstream, evaluate, extract, name, report, train"]),
+    ("trian:\n  d_sae: 3\n", ["unknown key 'trian'", "known keys here: downstream, evaluate, extract, name, orchestration, report, train"]),
     ("train: 5\n", ["section 'train' must be a mapping"]),
     ("train: [\n", ["is not valid YAML"]),
 ])

@@ -3,8 +3,9 @@ cluster and a local Dask cluster (real worker processes), and with its run direc
 real S3 protocol server (moto on 127.0.0.1), gives the same bytes as the local runner.
 
 The tests run a tiny pipeline (a random 2-layer BERT built from a config); `make test` runs
-the local reference, the Dask cluster with its run directory on S3, and the killed worker;
-`make test SLOW=1` adds Ray, the process pool, and configs/smoke.yaml (MiniLM) on Ray and
+the local reference, the pipeline into an S3 run directory, the killed Dask worker and
+bagging in member groups; `make test SLOW=1` adds the S3 run on a Dask cluster, Dask and Ray
+clusters and the process pool on local disk, and configs/smoke.yaml (MiniLM) on Ray and
 Dask, as the issue's acceptance list says.
 """
 
@@ -61,6 +62,7 @@ def tiny_pipeline_config(tmp_path_factory):
                  "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2}},
         train={"d_sae": 32, "k": 4, "n_members": 2, "n_runs": 2, "expanded_sizes": [2], "recipe": {"n_steps": 30, "batch_size": 32}},
         evaluate={"ce_loss": False},
+        downstream={"probing_datasets": ["bbc"], "sae_probes_tasks": ["glue_sst2", "agnews_0"]},
     )
 
 
@@ -103,10 +105,12 @@ def test_units_on_a_process_pool_give_the_same_models(prefect_harness, tiny_pipe
     assert _digests(run) == expected
 
 
+@pytest.mark.parametrize("runner", ["local", pytest.param("dask", marks=pytest.mark.slow)])
 def test_a_run_directory_on_s3_gives_the_same_bytes_and_refuses_a_second_run(prefect_harness, tiny_pipeline_config, local_run,
-                                                                            s3_bucket, tmp_path, monkeypatch):  # noqa: F811
+                                                                            s3_bucket, tmp_path, monkeypatch, runner):  # noqa: F811
     """The pipeline with --out s3://...: every artifact is published to the bucket (moto server on 127.0.0.1);
-    what the bucket holds equals the local run's bytes; a second run is refused while the first holds the lease."""
+    what the bucket holds equals the local run's bytes; a second run is refused while the first holds the lease.
+    On Dask (2 worker processes; slow) the units pull their inputs from the bucket and publish their outputs to it."""
     import fsspec
 
     from flows.rundir import RunDirectoryBusy
@@ -114,19 +118,19 @@ def test_a_run_directory_on_s3_gives_the_same_bytes_and_refuses_a_second_run(pre
 
     monkeypatch.setenv("SAE_ENSEMBLES_CACHE", str(tmp_path / "cache"))
     url = f"{s3_bucket}/runs/tiny"
-    cfg = _with_runner(tiny_pipeline_config, runner="dask", workers=2)
+    cfg = _with_runner(tiny_pipeline_config, runner=runner, workers=2)
     before = {run.id for run in _unit_task_runs("/run=") + _unit_task_runs("extract ")}
     pipeline_flow(config=cfg, run_dir=url)
-    # the units ran as Prefect tasks (on the Dask workers): one per training unit, one per model to evaluate
-    from tasks.common import discover_models
-    from tasks.train import plan_jobs, training_units
+    if runner == "dask":  # the units ran as Prefect tasks on the workers: one per training unit, one per model to evaluate
+        from tasks.common import discover_models
+        from tasks.train import plan_jobs, training_units
 
-    units = [run for run in _unit_task_runs("/run=") if run.id not in before]
-    expected = ["train " + " + ".join(f"{j.model.name}/run={j.run}" for j in unit) for unit in training_units(plan_jobs(cfg.train))]
-    expected += [f"evaluate {m.name}/run={m.run}" for m in discover_models(local_run[0])]
-    assert len(expected) >= 20 and sorted(run.name for run in units) == sorted(expected)
-    extraction = [run for run in _unit_task_runs("extract ") if run.id not in before]
-    assert extraction and all(run.state.is_completed() for run in units + extraction)
+        units = [run for run in _unit_task_runs("/run=") if run.id not in before]
+        expected = ["train " + " + ".join(f"{j.model.name}/run={j.run}" for j in unit) for unit in training_units(plan_jobs(cfg.train))]
+        expected += [f"evaluate {m.name}/run={m.run}" for m in discover_models(local_run[0])]
+        assert len(expected) >= 20 and sorted(run.name for run in units) == sorted(expected)
+        extraction = [run for run in _unit_task_runs("extract ") if run.id not in before]
+        assert extraction and all(run.state.is_completed() for run in units + extraction)
     fs = fsspec.filesystem("s3")
     published = {}
     for rel in local_run[1]:
