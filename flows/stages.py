@@ -14,8 +14,8 @@ Every stage flow does the same thing (:func:`run_stage_flow`):
 5. publish the UI artifacts (summary, tables, figures), also for a cached stage;
 6. on object storage, publish the stage's outputs, then its stamp (the commit point).
 
-The stages that fan out (train, evaluate) hand their units of work to the runner of the
-config's ``orchestration`` section (:mod:`flows.orchestration`).
+The stages that fan out (extract, train, evaluate) hand their units of work to the runner
+of the config's ``orchestration`` section (:mod:`flows.orchestration`).
 
 Flows only compose; the work is in ``tasks.<stage>`` and ``tasks.prefect_tasks``.
 """
@@ -64,8 +64,8 @@ def _run_name() -> str:
 
 
 #: what each stage publishes to an object-store run directory (flows.storage), besides the
-#: stage state under .prefect/ (stamps, content hashes, Prefect results), published last:
-#: a stage's stamp is its commit point
+#: stage state under .prefect/ (stamps and Prefect results), published last: a stage's stamp
+#: is its commit point. Before a stage, everything published is pulled into the mirror.
 PUBLISHED: dict[str, tuple[str, ...]] = {
     "extract": (DOCUMENTS_FILE, ACTIVATIONS_DIR),
     "train": (MODELS_DIR,),
