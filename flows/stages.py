@@ -87,7 +87,7 @@ def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path | None, f
 
     config_file (a YAML config, relative to the working directory) replaces ``section`` and
     ``orchestration`` with that file's sections, and its name gives the default run_dir, runs/<name>/.
-    run_dir may be a path or an fsspec URL (s3://, gs://, memory://): the stage then works in a
+    run_dir may be a path or an fsspec URL (s3://, memory://): the stage then works in a
     local mirror and publishes what it wrote (:mod:`flows.storage`).
     """
     if config_file:

@@ -91,6 +91,19 @@ def _unique_handles(ax) -> dict:
 
 
 # ------------------------------------------------------------------------ intrinsic
+def _draw_vs_j(ax, rows, specs) -> None:
+    """Each method of ``specs`` in ``rows`` against J: a curve with its CI band for the methods
+    scored at every prefix, a reference (line or marker) for the others."""
+    for spec in specs:
+        sub = rows[rows["method"] == spec.name]
+        if sub.empty:
+            continue
+        if spec.prefixes:
+            draw_curve(ax, sub.sort_values("n_members"), "n_members", spec, spec.label)
+        else:
+            _draw_reference(ax, sub, spec)
+
+
 def _draw_reference(ax, rows: pd.DataFrame, spec: Method) -> None:
     """A method scored at one J: a horizontal line at its mean; matched-width methods also
     get a marker with the CI at the J they match."""
@@ -104,15 +117,7 @@ def _draw_reference(ax, rows: pd.DataFrame, spec: Method) -> None:
 def _draw_metric(ax, summary: pd.DataFrame, metric: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    rows = summary[summary["metric"] == metric]
-    for spec in METHODS:
-        sub = rows[rows["method"] == spec.name]
-        if sub.empty:
-            continue
-        if spec.prefixes:
-            draw_curve(ax, sub.sort_values("n_members"), "n_members", spec, spec.label)
-        else:
-            _draw_reference(ax, sub, spec)
+    _draw_vs_j(ax, summary[summary["metric"] == metric], METHODS)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(metric, fontsize=TITLE_FONT)
     ax.set_xlabel("members J", fontsize=LABEL_FONT)
@@ -248,15 +253,7 @@ def benchmark_figure(over_tasks: pd.DataFrame, confidence: float):
     ax.set_ylabel("test accuracy, mean over tasks", fontsize=LABEL_FONT)
     ax.legend(fontsize=SMALL_FONT)
     for ax, k in zip(axes[0][1:], ks):
-        rows = frame[frame["k"] == k]
-        for spec in (RAW, *METHODS):
-            sub = rows[rows["method"] == spec.name]
-            if sub.empty:
-                continue
-            if spec.prefixes:
-                draw_curve(ax, sub.sort_values("n_members"), "n_members", spec, spec.label)
-            else:
-                _draw_reference(ax, sub, spec)
+        _draw_vs_j(ax, frame[frame["k"] == k], (RAW, *METHODS))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"vs J, k = {k}", fontsize=TITLE_FONT)
         ax.set_xlabel("members J", fontsize=LABEL_FONT)
