@@ -142,7 +142,7 @@ class TaskRunnerExecutor:
                 i = futures[future]
                 try:
                     results[i] = future.result()
-                except BaseException as error:  # the others still finish: their work is kept
+                except Exception as error:  # the others still finish: their work is kept
                     errors.append((units[i], error))
                     continue
                 if on_done is not None:
