@@ -56,7 +56,8 @@ class UnitExecutor(Protocol):
     def run(self, stage: str, units: Sequence[Unit], on_done: UnitDone | None = None) -> list[Any]:
         """Run every unit (retrying per the executor's policy); results in the order of ``units``.
 
-        Raises the first unit error after the others finished or failed.
+        Raises a unit's error: in process at once, on a task runner once the other units
+        finished or failed (their outputs are kept, so a rerun reuses them).
         """
         ...
 
