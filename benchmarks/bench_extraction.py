@@ -22,7 +22,8 @@ from sae_core.extraction import kept_span, length_order, padded_batches
 from sae_core.models import load_model
 from tasks.config import CorpusSource, ExtractConfig
 from data_contracts.activations import SPLITS
-from tasks.extract import _plan, run_extraction, shard_windows
+from tasks.extract import _plan, run_extraction
+from tasks.extract_shards import shard_windows
 from tasks.sources import load_corpus
 
 

@@ -75,7 +75,7 @@ def projection(config_name: str) -> dict:
 def timing(tmp: Path, steps: int) -> dict:
     from flows.configs import load_pipeline_config
     from flows.stages import extract_flow, train_flow
-    from tasks.config import OrchestrationConfig, Resources
+    from tasks.config_sections import OrchestrationConfig
 
     cfg = load_pipeline_config(ROOT / "configs" / "smoke.yaml")
     # the smoke recipe's 40 steps are ~8 s of compute on one thread: less than starting two worker

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from prefect import task
 
 from flows.storage import RunStore
-from tasks.config import UNIT_STAGES, OrchestrationConfig, Resources
+from tasks.config_sections import UNIT_STAGES, OrchestrationConfig, Resources
 from tasks.units import Unit, UnitDone, UnitExecutor
 
 log = logging.getLogger(__name__)

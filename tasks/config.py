@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from sae_core.config import ArchitectureName, TrainConfig
 from sae_core.devices import DEVICE_SETTINGS, check_device_setting
 from sae_core.methods import TRAINED_METHOD_NAMES, MethodName
+from tasks.config_sections import ImportedSAE, OrchestrationConfig, Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 #: where a stage runs its tensors (sae_core.devices): auto = the first CUDA device if any, else the CPU
@@ -23,7 +22,7 @@ def _device_field(what: str):
     return Field(default="auto", description=f"Device of {what} ({DEVICE_SETTINGS}); auto: CUDA when torch sees it, else the CPU.")
 
 
-class CorpusSource(_Strict):
+class CorpusSource(Strict):
     """One text source of the corpus."""
 
     name: str = Field(
@@ -37,7 +36,7 @@ class CorpusSource(_Strict):
     sample_seed: int = Field(default=0, description="Seed of that sample.")
 
 
-class ExtractConfig(_Strict):
+class ExtractConfig(Strict):
     """Activation extraction: which model, which layer, which text."""
 
     model: str = Field(
@@ -93,27 +92,7 @@ class ExtractConfig(_Strict):
 # --------------------------------------------------------------------------- training
 
 
-class ImportedSAE(_Strict):
-    """A SAELens-format folder (cfg.json + sae_weights.safetensors: a pretrained SAE a user
-    downloaded, or one trained with SAELens) that the train stage imports as a model, so
-    evaluate, downstream and report treat it like the SAEs trained here (SPEC §13)."""
-
-    path: str = Field(description="The SAELens folder (what sae_lens' SAE.save_model writes).")
-    role: Literal["single", "bagging"] = Field(
-        default="single",
-        description="single: the SAE is one model, method 'imported' (models/imported/run=<run>); bagging: a member of "
-        "the bagging ensemble of run <run>, method 'imported_bagging' (members in the order listed, α = 1/J).",
-    )
-    run: int = Field(default=0, ge=0, description="The run r it belongs to (several runs give stability metrics across them).")
-    hook_name: str | None = Field(
-        default=None, description="If set, the folder's cfg.json must name this hook (metadata.hook_name), or the import fails."
-    )
-    layer: int | None = Field(
-        default=None, ge=0, description="If set, the extraction's layer (extract.layer) must be this one, or the import fails."
-    )
-
-
-class TrainStageConfig(_Strict):
+class TrainStageConfig(Strict):
     """The training stage: S independent runs of every method on the train split.
 
     Run r of bagging and boosting uses member seeds {bJ, …, bJ + J − 1} with block
@@ -209,7 +188,7 @@ class TrainStageConfig(_Strict):
 
 
 # ------------------------------------------------------------------------- evaluation
-class EvaluateConfig(_Strict):
+class EvaluateConfig(Strict):
     """Intrinsic metrics (SPEC §6) on the test split, at every J = 1..J_max over the S runs."""
 
     split: Literal["train", "val", "test"] = Field(default="test", description="Split the metrics are computed on.")
@@ -256,7 +235,7 @@ SAE_PROBES_DOCUMENTS_PER_CLASS = 15
 SAE_PROBES_MAX_TOKENS = 8
 
 
-class DownstreamConfig(_Strict):
+class DownstreamConfig(Strict):
     """Concept detection (sparse probing) and spurious correlation removal (SPEC §7).
 
     Documents are run through the model, layer and context length of the extraction
@@ -333,57 +312,13 @@ class DownstreamConfig(_Strict):
 
 
 # ----------------------------------------------------------------------------- report
-class ReportConfig(_Strict):
+class ReportConfig(Strict):
     """The report: report.md and a self-contained report.html. It reads every other stage's
     tables (the top-activating contexts are computed by the evaluate stage: see
     ``evaluate.top_contexts``); nothing in it is configurable yet."""
 
 
-# --------------------------------------------------------------------------- orchestration
-
-#: stages whose work fans out into units (tasks.units); the others run in the flow's process
-UNIT_STAGES = ("extract", "train", "evaluate")
-
-
-class Resources(_Strict):
-    """What one unit of a stage asks of a worker (Ray: task options; Dask: worker resources)."""
-
-    cpus: float = Field(default=1, gt=0, description="CPU cores per unit, for placement (Ray num_cpus; Dask: the local cluster's "
-                        "threads per worker); torch's threads are orchestration.threads.")
-    gpus: float = Field(default=0, ge=0, description="GPUs per unit; fractions share a GPU (0.5: two units per GPU, as the paper's authors ran). "
-                        "Ray: num_gpus; Dask: the worker resource 'GPU' (start workers with --resources GPU=N).")
-
-
-class OrchestrationConfig(_Strict):
-    """Where the units of work run (SPEC §9, §12). Results never depend on it: it is in no cache key or fingerprint."""
-
-    runner: Literal["local", "process", "ray", "dask"] = Field(
-        default="local",
-        description="local: every unit in the flow's process, one after another. process: a pool of worker processes (Prefect's "
-        "ProcessPoolTaskRunner). ray / dask: Prefect's RayTaskRunner / DaskTaskRunner, on the cluster at `address` or on a local "
-        "cluster of `workers` processes.",
-    )
-    workers: int = Field(default=2, ge=1, description="Worker processes of the process pool or of a local Ray/Dask cluster.")
-    address: str | None = Field(default=None, description="An existing cluster: Ray's address (ray://host:10001 or auto), or the "
-                                "Dask scheduler's (tcp://host:8786). None starts a local one.")
-    resources: dict[Literal["extract", "train", "evaluate"], Resources] = Field(
-        default_factory=dict, description="Per-stage resources of one unit (default: 1 CPU, no GPU)."
-    )
-    threads: int | None = Field(default=None, ge=1, description="torch's intra-op threads in every unit (and in the flow's "
-                                "process). None: the flow process's own count, so units compute exactly what the local runner does; "
-                                "another count changes the float rounding of some matmuls (the models then differ in their last bits).")
-    retries: int = Field(default=2, ge=0, description="Prefect retries of a failed unit (a worker lost mid-unit is also "
-                         "rescheduled by Ray/Dask themselves); a retried unit gives the same result.")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of an object-store run directory "
-                                            "(e.g. {endpoint_url: ..., key: ..., secret: ...}); credentials from the environment otherwise.")
-    cache_dir: str | None = Field(default=None, description="Local mirror of an object-store run directory (default "
-                                  "$SAE_ENSEMBLES_CACHE or ~/.cache/sae-ensembles/mirrors/<hash of the URL>).")
-
-    def resources_of(self, stage: str) -> Resources:
-        return self.resources.get(stage, Resources())
-
-
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     """A whole run: one section per stage (each stage reads only its own section)."""
 
     name: str = Field(

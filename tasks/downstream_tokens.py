@@ -32,7 +32,7 @@ from data_contracts.core import ContractViolation, Failure
 from sae_core.extraction import extract_in_order, kept_span, make_windows
 from sae_core.probing import mean_pool
 from tasks.config import DownstreamConfig
-from tasks.extract import write_batch_by_document
+from tasks.extract_shards import write_batch_by_document
 
 #: the cache holds every document in split "train"; the other splits stay empty
 TOKENS_SPLIT = "train"

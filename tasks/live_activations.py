@@ -58,7 +58,7 @@ class LiveReader:
             return self._loaded
 
     def __call__(self, chunks, out: np.ndarray) -> None:
-        from tasks.extract import extract_documents
+        from tasks.extract_shards import extract_documents
 
         at = 0
         for chunk in chunks:

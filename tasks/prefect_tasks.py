@@ -21,7 +21,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, MANIFEST_FILE, StageResult
-from tasks.config import UNIT_STAGES
+from tasks.config_sections import UNIT_STAGES
 from tasks.stage_state import STAGES, write_stamp
 from tasks.units import UnitExecutor
 

@@ -193,7 +193,7 @@ def run_report(cfg: PipelineConfig, run_dir: str | Path, *, progress: bool = Tru
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out / name)
         result.written.append(f"{REPORT_DIR}/{name}")
-    from tasks.interop import write_saebench_results
+    from tasks.saebench import write_saebench_results
 
     # the core metrics and sparse probing again, in SAEBench's output schema (report/saebench/)
     result.written += write_saebench_results(cfg, run_dir)

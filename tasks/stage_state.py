@@ -66,13 +66,13 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 
 # The source files each stage's results depend on (globs), besides sae_core/, data_contracts/
 # and the shared tasks modules.
-_SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/summaries.py", "tasks/progress.py", "tasks/units.py")
+_SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/config_sections.py", "tasks/summaries.py", "tasks/progress.py", "tasks/units.py")
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "extract": ("tasks/extract.py", "tasks/sources.py"),
-    "train": ("tasks/train.py", "tasks/live_activations.py", "tasks/extract.py", "tasks/interop.py"),
+    "extract": ("tasks/extract*.py", "tasks/sources.py"),
+    "train": ("tasks/train*.py", "tasks/live_activations.py", "tasks/extract*.py", "tasks/interop.py"),
     "evaluate": ("tasks/evaluate.py", "tasks/figures.py", "tasks/top_contexts.py"),
-    "downstream": ("tasks/downstream*.py", "tasks/labelled.py", "tasks/sources.py", "tasks/extract.py", "tasks/figures.py"),
-    "report": ("tasks/report*.py", "tasks/claims.py", "tasks/interop.py"),
+    "downstream": ("tasks/downstream*.py", "tasks/labelled.py", "tasks/sources.py", "tasks/extract*.py", "tasks/figures.py"),
+    "report": ("tasks/report*.py", "tasks/claims.py", "tasks/interop.py", "tasks/saebench.py"),
 }
 _ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,8 @@ from sae_core.probing import pooled_codes, sparse_probe_accuracy
 from tasks.common import ModelDir
 from tasks.config import CorpusSource, DownstreamConfig, ExtractConfig
 from tasks.downstream import BENCHMARK_FIGURE, PROBING_FIGURE, SCR_FIGURE, run_downstream
-from tasks.extract import document_blocks, run_extraction, write_batch_by_document
+from tasks.extract import run_extraction
+from tasks.extract_shards import document_blocks, write_batch_by_document
 from tasks.labelled import CellTooSmall, split_quotas, bbc_paragraphs, pronoun_gender, probing_set, scr_set
 from tests.tiny_models import TEXTS, build_tiny_model
 

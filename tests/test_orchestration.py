@@ -113,7 +113,6 @@ def test_a_run_directory_on_s3_gives_the_same_bytes_and_refuses_a_second_run(pre
     On Dask (2 worker processes; slow) the units pull their inputs from the bucket and publish their outputs to it."""
     import fsspec
 
-    from flows.rundir import RunDirectoryBusy
     from flows.stages import open_store, pipeline_flow
 
     monkeypatch.setenv("SAE_ENSEMBLES_CACHE", str(tmp_path / "cache"))
@@ -165,7 +164,6 @@ def test_a_run_directory_on_s3_gives_the_same_bytes_and_refuses_a_second_run(pre
     finally:
         release.set()
         holder.join()
-    assert RunDirectoryBusy  # the error the second run gets
 
 
 def test_a_worker_killed_during_training_is_replaced_and_the_models_are_the_same(prefect_harness, tiny_pipeline_config, local_run,

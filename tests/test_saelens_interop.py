@@ -23,7 +23,8 @@ from flows.cli import main as cli
 from sae_core import Ensemble, SAEConfig, build_sae, save_ensemble
 from sae_core.interop import NotImportable, NotOneSAE, export_member, fold_bagging, read_saelens_folder
 from tasks.config import EvaluateConfig, ImportedSAE, PipelineConfig, TrainStageConfig
-from tasks.interop import SOURCE_CFG_FILE, core_metrics, export_model, import_saelens_models, probing_metrics, write_saebench_results
+from tasks.interop import SOURCE_CFG_FILE, export_model, import_saelens_models
+from tasks.saebench import core_metrics, probing_metrics, write_saebench_results
 from tests.synthetic_shards import write_synthetic_activations
 
 ROOT = Path(__file__).resolve().parents[1]

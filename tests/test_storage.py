@@ -297,7 +297,7 @@ def test_a_memory_store_publishes_verifies_and_locks(tmp_path):
             assert fs.exists("/sae-tests/run/.lock")
             with pytest.raises(RunDirectoryBusy, match="memory://sae-tests/run is in use"):
                 # another holder in this process: what a second process would see (memory:// is per process)
-                from flows.storage import _Lease
+                from flows.storage_lease import _Lease
 
                 _Lease(writer, 30).acquire()
         assert not fs.exists("/sae-tests/run/.lock")
