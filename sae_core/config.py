@@ -8,14 +8,50 @@ in ``description`` so a CLI or the Prefect UI can show it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from sae_core.registry import add_architecture_enum, check_architecture, uses_k
+from sae_core.registry import add_architecture_enum, check_architecture, get_architecture, uses_k
 
 #: an architecture registered in :mod:`sae_core.registry` (one file in sae_core/saes/)
 ArchitectureName = Annotated[str, AfterValidator(check_architecture)]
+
+
+def _check_prefix_fractions(fractions: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    if fractions is None:
+        return None
+    if not fractions or any(not 0 < f <= 1 for f in fractions) or fractions[-1] != 1.0 \
+            or any(b <= a for a, b in zip(fractions, fractions[1:])):
+        raise ValueError(
+            f"prefix_fractions must be strictly increasing fractions of d_sae in (0, 1] ending with 1.0, got {list(fractions)} "
+            "(e.g. [0.0625, 0.1875, 0.4375, 1.0])"
+        )
+    return fractions
+
+
+#: Fields of SAEConfig that only some architectures use. An architecture class lists the ones it
+#: uses, with their defaults, in ``config_fields`` (name -> default); the others must stay None.
+#: None values are left out of the dump, so the cfg.json and fingerprints of the other
+#: architectures are what they were before these fields existed.
+PrefixFractions = Annotated[tuple[float, ...] | None, AfterValidator(_check_prefix_fractions), Field(
+    description="matryoshka: where the nested prefixes end, as fractions of d_sae (strictly increasing, the last 1.0; "
+    "prefix l is the first max(1, round(f_l · d_sae)) latents, so an expanded SAE of J·d_sae latents keeps the same "
+    "shape). Default (0.0625, 0.1875, 0.4375, 1.0): dictionary_learning's group_fractions (1/16, 1/8, 1/4, 9/16) "
+    "cumulated. ordered with prefix_distribution 'groups': the groups of p_ND. Unused by other architectures.")]
+MatryoshkaCode = Annotated[Literal["batchtopk", "topk"] | None, Field(
+    description="matryoshka: the code shared by all prefixes, batchtopk (the B·k largest activations of a batch in "
+    "training, a learned threshold at inference: Bussmann et al.) or topk (k per token, training and inference). "
+    "Default batchtopk. Unused by other architectures.")]
+PrefixDistribution = Annotated[Literal["uniform", "geometric", "groups"] | None, Field(
+    description="ordered: p_ND, the distribution of the prefix length l in 1..d_sae that weighs the prefix losses "
+    "(the OSAE paper leaves its exact form open): uniform (1/d_sae each), geometric (p(l) ∝ exp(-l / (prefix_scale · "
+    "d_sae)), truncated: nested dropout's choice) or groups (equal mass per group of prefix_fractions, uniform inside "
+    "a group: Matryoshka's groups with full support). Default uniform. Unused by other architectures.")]
+PrefixScale = Annotated[float | None, Field(
+    gt=0, description="ordered, prefix_distribution geometric: the decay length of p_ND as a fraction of d_sae "
+    "(required there, unused otherwise).")]
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("prefix_fractions", "matryoshka_code", "prefix_distribution", "prefix_scale")
 
 
 class _Strict(BaseModel):
@@ -43,6 +79,40 @@ class SAEConfig(_Strict):
     apply_b_dec_to_input: bool = Field(
         default=True, description="Encode a - b_dec instead of a (SPEC §5 form)."
     )
+    prefix_fractions: PrefixFractions = None
+    matryoshka_code: MatryoshkaCode = None
+    prefix_distribution: PrefixDistribution = None
+    prefix_scale: PrefixScale = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_defaults(cls, data: Any) -> Any:
+        """Fill in the defaults of the architecture's own fields (its ``config_fields``)."""
+        if isinstance(data, dict) and isinstance(data.get("architecture"), str):
+            try:
+                own = getattr(get_architecture(data["architecture"]), "config_fields", {})
+            except KeyError:
+                return data  # the architecture field's own validator names the problem
+            data = {**data, **{name: default for name, default in own.items() if data.get(name) is None}}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _drop_unused(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        return {name: value for name, value in data.items() if not (name in ARCHITECTURE_FIELDS and value is None)}
+
+    @model_validator(mode="after")
+    def _check_architecture_fields(self) -> "SAEConfig":
+        cls = get_architecture(self.architecture)
+        own = getattr(cls, "config_fields", {})
+        for name in ARCHITECTURE_FIELDS:
+            if getattr(self, name) is not None and name not in own:
+                users = ", ".join(a for a in _architectures_using(name)) or "no registered architecture"
+                raise ValueError(f"{name} is only meaningful for {users}, not {self.architecture!r}; remove {name}")
+        check = getattr(cls, "check_config", None)
+        if check is not None:
+            check(self)  # the architecture's own cross-field checks (a ValueError names the problem)
+        return self
 
     @model_validator(mode="after")
     def _check_k(self) -> "SAEConfig":
@@ -58,6 +128,25 @@ class SAEConfig(_Strict):
                 "(sparsity of L1/L0 SAEs is set by TrainConfig.sparsity_coefficient)"
             )
         return self
+
+
+def _architectures_using(field_name: str) -> list[str]:
+    from sae_core.registry import architectures
+
+    return [a for a in architectures() if field_name in getattr(get_architecture(a), "config_fields", {})]
+
+
+class ArchitectureOptions(_Strict):
+    """The SAEConfig fields that only some architectures use, for a stage config (every member gets them)."""
+
+    prefix_fractions: PrefixFractions = None
+    matryoshka_code: MatryoshkaCode = None
+    prefix_distribution: PrefixDistribution = None
+    prefix_scale: PrefixScale = None
+
+    def sae_fields(self) -> dict[str, Any]:
+        """The options that are set, as SAEConfig keyword arguments."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS if getattr(self, name) is not None}
 
 
 class PAnnealConfig(_Strict):

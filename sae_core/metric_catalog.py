@@ -51,6 +51,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("stability_corrected", -1.0, 1.0, "higher", "stability minus its random floor", in_grid=True),
     MetricSpec("stability_matched_corrected", -2.0, 2.0, "higher", "matched stability minus its random floor"),
     MetricSpec("stability_shared_corrected", -1.0, 1.0, "higher", "shared fraction minus its random floor"),
+    MetricSpec("orderedness", -1.0, 1.0, "higher", "orderedness (Spearman ρ of a latent's index and its matched index in "
+               "another run: 1 = the runs list their latents in the same order, ≈ 0 = unrelated orders; sae_core.ordering)"),
+    MetricSpec("orderedness_random", -1.0, 1.0, None, "orderedness of random dictionaries (floor, ≈ 0 ± 1/√m)"),
+    MetricSpec("orderedness_corrected", -2.0, 2.0, "higher", "orderedness minus its random floor"),
     MetricSpec("c_dec", 0.0, 1.0, None, "c_dec (mean |cos| of decoder rows)", in_grid=True),
     MetricSpec("ce_loss_recovered", None, None, "higher", "CE loss recovered"),
     MetricSpec("kl_divergence", 0.0, None, "lower", "KL divergence to the clean model"),
@@ -69,6 +73,7 @@ FLOORS: dict[str, tuple[str, str]] = {
     "stability": ("stability_random", "stability_corrected"),
     "stability_matched": ("stability_matched_random", "stability_matched_corrected"),
     "stability_shared": ("stability_shared_random", "stability_shared_corrected"),
+    "orderedness": ("orderedness_random", "orderedness_corrected"),
 }
 _CATALOG = Catalog(METRICS, "metric")
 #: metric_spec(name) -> MetricSpec (a KeyError lists the known ones); ordered_metrics(names)

@@ -30,18 +30,28 @@ def make_sparse_dictionary_data(
     mean_active: float = 4.0,
     seed: int = 0,
     offset_scale: float = 1.0,
+    frequency_exponent: float = 0.0,
 ) -> SparseDictionaryData:
     """Draw a random unit dictionary and N activations with i.i.d. sparse codes.
 
     Active coefficients are uniform on [0.5, 1.5]; inactive ones are 0. A random offset
     (norm ``offset_scale``) is added so the decoder bias has something to learn.
+    ``frequency_exponent`` s > 0 plants features of decreasing frequency (the Zipf-like
+    support prior of the OSAE toy, s = 1.2 there): feature i is active with probability
+    ∝ (i + 1)^-s, scaled so that ``mean_active`` features are active on average (each
+    probability capped at 1), so row i of the dictionary is the i-th most frequent feature.
+    s = 0: every feature with probability mean_active / n.
     """
     gen = torch.Generator().manual_seed(seed)
     dictionary = torch.randn(n_features, d, generator=gen)
     dictionary /= dictionary.norm(dim=1, keepdim=True)
     offset = torch.randn(d, generator=gen)
     offset *= offset_scale / offset.norm()
-    active = torch.rand(n_samples, n_features, generator=gen) < mean_active / n_features
+    if frequency_exponent == 0.0:
+        active = torch.rand(n_samples, n_features, generator=gen) < mean_active / n_features
+    else:
+        weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -frequency_exponent
+        active = torch.rand(n_samples, n_features, generator=gen) < (mean_active * weights / weights.sum()).clamp(max=1.0).float()
     magnitude = 0.5 + torch.rand(n_samples, n_features, generator=gen)
     codes = active * magnitude
     return SparseDictionaryData(dictionary=dictionary, offset=offset, activations=codes @ dictionary + offset)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, model_serializer, model_validator
 
-from sae_core.config import ArchitectureName, TrainConfig
+from sae_core.config import ArchitectureName, ArchitectureOptions, SAEConfig, TrainConfig
 from sae_core.devices import DEVICE_SETTINGS, check_device_setting
 from sae_core.methods import TRAINED_METHOD_NAMES, MethodName
+from sae_core.registry import uses_k
 from tasks.config_sections import ImportedSAE, OrchestrationConfig, Strict
 
 
@@ -105,6 +106,11 @@ class TrainStageConfig(Strict):
     architecture: ArchitectureName = Field(default="topk", description="Member architecture (all methods).")
     d_sae: int = Field(default=768, gt=0, description="Latents per member (the expanded SAE has J·d_sae).")
     k: int | None = Field(default=16, gt=0, description="Active latents per token (topk/batchtopk); None otherwise.")
+    architecture_options: ArchitectureOptions | None = Field(
+        default=None, description="Settings only some architectures take, given to every member (matryoshka: prefix_fractions, "
+        "matryoshka_code; ordered: prefix_distribution, prefix_scale, prefix_fractions); None: the architecture's defaults. "
+        "Prefixes are fractions of d_sae, so the expanded SAE's scale with its width.",
+    )
     n_members: int = Field(default=8, ge=1, description="J_max: members of the bagging and boosting ensembles.")
     n_runs: int = Field(default=3, ge=1, description="S: independent runs (disjoint seed blocks) of every method.")
     bagging_group: int | None = Field(
@@ -174,6 +180,19 @@ class TrainStageConfig(Strict):
                     "or leave random_decoder out of methods"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _check_architecture_options(self) -> "TrainStageConfig":
+        if self.architecture_options is not None:  # the member config names what does not fit the architecture
+            SAEConfig(architecture=self.architecture, d_in=1, d_sae=self.d_sae, k=self.k if uses_k(self.architecture) else None,
+                      **self.architecture_options.sae_fields())
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_options(self, handler) -> dict:
+        # left out when unset, so the stage's cache key is what it was before the field existed
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "architecture_options" and v is None)}
 
     @property
     def random_decoder_widths(self) -> list[int]:

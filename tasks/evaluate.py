@@ -48,11 +48,12 @@ def _rows(method: str, J: int, run: int, values: dict[str, float]) -> list[dict]
 
 
 def _pairwise_matched(group: list[torch.Tensor], cfg: EvaluateConfig) -> dict[str, list[float]]:
-    """Per run: stability_matched and stability_shared, each the mean over the other runs of
-    its one-to-one matching with that run (Hungarian up to cfg.hungarian_max_latents)."""
-    matched, shared = metrics.matched_stability(group, cfg.shared_threshold, exact_max=cfg.hungarian_max_latents,
-                                                candidates=cfg.matching_candidates, bf16=cfg.bf16_cosines)
-    return {"stability_matched": matched, "stability_shared": shared}
+    """Per run: stability_matched, stability_shared and orderedness, each the mean over the other
+    runs of its one-to-one matching with that run (Hungarian up to cfg.hungarian_max_latents)."""
+    from sae_core.ordering import matched_across_runs
+
+    return matched_across_runs(group, cfg.shared_threshold, exact_max=cfg.hungarian_max_latents,
+                               candidates=cfg.matching_candidates, bf16=cfg.bf16_cosines)
 
 
 def _stability_rows(dictionaries: dict[tuple[str, int], dict[int, torch.Tensor]], cfg: EvaluateConfig) -> tuple[list[dict], list[str]]:

@@ -38,7 +38,8 @@ SINGLE_ALONE = "trained alone"
 def member_config(cfg: TrainStageConfig, d_in: int) -> SAEConfig:
     """The SAEConfig of one member, for activations of width d_in."""
     k = cfg.k if uses_k(cfg.architecture) else None
-    return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, k=k)
+    options = cfg.architecture_options.sae_fields() if cfg.architecture_options is not None else {}
+    return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=cfg.d_sae, k=k, **options)
 
 
 @dataclass(frozen=True)

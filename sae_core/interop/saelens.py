@@ -21,6 +21,11 @@ Our architectures map onto them exactly (:data:`SAELENS_ARCHITECTURE`):
 * batchtopk → jumprelu with θ_i = θ for every latent: our BatchTopK infers with
   ReLU(π)·1[π > θ], one θ per SAE, which is how SAELens itself saves BatchTopK SAEs
   (``BatchTopKTrainingSAE.process_state_dict_for_saving_inference``).
+* matryoshka, ordered: their nested prefixes shape only the training loss; inference is
+  their code's, so they export as that code's SAE (:func:`saelens_architecture`): matryoshka
+  with a batchtopk code → jumprelu like batchtopk (as SAELens saves its Matryoshka BatchTopK
+  SAEs), with a topk code → topk; ordered → topk. The prefix settings are not in SAELens'
+  schema; they are written under ``metadata`` so they are not lost.
 
 No activation normalisation is applied anywhere in this project (activations are stored
 as the model produced them), so exported folders say ``normalize_activations: "none"``.
@@ -62,6 +67,7 @@ SAELENS_ARCHITECTURE: dict[str, str] = {
     "batchtopk": "jumprelu",
     "topk": "topk",
     "gated": "gated",
+    "ordered": "topk",
 }
 #: SAELens architecture -> ours (what an imported folder becomes)
 FROM_SAELENS: dict[str, str] = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "gated": "gated"}
@@ -91,21 +97,38 @@ class NotImportable(ValueError):
 
 
 # --------------------------------------------------------------------------- export
+def saelens_architecture(cfg: SAEConfig) -> str | None:
+    """The SAELens inference architecture computing the same codes as an SAE of ``cfg`` (None: none does)."""
+    if cfg.architecture == "matryoshka":
+        return "jumprelu" if cfg.matryoshka_code == "batchtopk" else "topk"
+    return SAELENS_ARCHITECTURE.get(cfg.architecture)
+
+
+def _prefix_metadata(cfg: SAEConfig) -> dict[str, Any]:
+    """Our architecture and its prefix settings, for a SAELens folder's metadata (empty for the others)."""
+    from sae_core.config import ARCHITECTURE_FIELDS
+
+    fields = {name: getattr(cfg, name) for name in ARCHITECTURE_FIELDS if getattr(cfg, name) is not None}
+    fields = {name: list(v) if isinstance(v, tuple) else v for name, v in fields.items()}
+    return {"sae_ensembles_architecture": cfg.architecture, **fields} if fields else {}
+
+
 def saelens_tensors(sae: SAE, member: int = 0) -> tuple[str, dict[str, Tensor]]:
     """(SAELens architecture, tensors of sae_weights.safetensors) of member ``member`` of ``sae``.
 
     The tensors are copies on the CPU in SAELens' names and shapes (see the module docstring).
     """
     arch = sae.cfg.architecture
-    if arch not in SAELENS_ARCHITECTURE:
+    out = saelens_architecture(sae.cfg)
+    if out is None:
         raise NotExportable(
-            f"architecture {arch!r} has no SAELens counterpart (exportable: {', '.join(sorted(SAELENS_ARCHITECTURE))})"
+            f"architecture {arch!r} has no SAELens counterpart (exportable: {', '.join(sorted([*SAELENS_ARCHITECTURE, 'matryoshka']))})"
         )
     state = {name: t.detach().cpu().contiguous() for name, t in sae.member_state(member).items()}
-    if arch == "batchtopk":
-        # one θ for the SAE -> SAELens' per-latent JumpReLU threshold
+    if "threshold" in state and state["threshold"].ndim == 0:
+        # batchtopk (and a matryoshka batchtopk code): one θ for the SAE -> SAELens' per-latent JumpReLU threshold
         state["threshold"] = state["threshold"].expand(sae.cfg.d_sae).clone()
-    return SAELENS_ARCHITECTURE[arch], state
+    return out, state
 
 
 def fold_bagging(ensemble: Ensemble) -> tuple[str, dict[str, Tensor]]:
@@ -131,13 +154,14 @@ def fold_bagging(ensemble: Ensemble) -> tuple[str, dict[str, Tensor]]:
             "earlier stages, a sequential computation, while a SAELens SAE encodes a once with one encoder; "
             "export its stages (members) instead"
         )
-    if arch == "topk":
+    if saelens_architecture(ensemble.member_cfg) == "topk":
         raise NotOneSAE(
-            "an ensemble of TopK members is not one SAELens SAE: each member keeps its own k largest latents, while "
+            f"an ensemble of TopK members{'' if arch == 'topk' else f' ({arch} encodes with TopK)'} is not one SAELens SAE: "
+            "each member keeps its own k largest latents, while "
             f"one TopK SAE of width J·m keeps the J·k largest of all J·m latents (a different set), and SAELens has no "
             "per-block TopK; export the members instead (BatchTopK, JumpReLU, ReLU and gated members do fold into one SAE)"
         )
-    if arch not in SAELENS_ARCHITECTURE:
+    if saelens_architecture(ensemble.member_cfg) is None:
         raise NotOneSAE(f"architecture {arch!r} has no SAELens counterpart")
     alpha = ensemble.alpha.detach().cpu().to(torch.float32)
     if bool((alpha <= 0).any()):
@@ -213,7 +237,7 @@ def export_member(sae: SAE, member: int, directory: str | Path, metadata: dict[s
             cfg["rescale_acts_by_decoder_norm"] = False  # the decoder norms were folded in on import
     else:
         cfg = saelens_config(arch, sae.cfg.d_in, sae.cfg.d_sae, k=sae.cfg.k, apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input,
-                             metadata=metadata)
+                             metadata={**_prefix_metadata(sae.cfg), **(metadata or {})})
     return write_saelens_folder(directory, cfg, tensors)
 
 

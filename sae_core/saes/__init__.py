@@ -16,7 +16,10 @@ for _module in pkgutil.iter_modules(__path__):
 from sae_core.saes.batchtopk import BatchTopKSAE  # noqa: E402
 from sae_core.saes.gated import GatedSAE  # noqa: E402
 from sae_core.saes.jumprelu import JumpReLUSAE  # noqa: E402
+from sae_core.saes.matryoshka import MatryoshkaSAE  # noqa: E402
+from sae_core.saes.ordered import OrderedSAE  # noqa: E402
 from sae_core.saes.relu import ReLUSAE  # noqa: E402
 from sae_core.saes.topk import TopKSAE  # noqa: E402
 
-__all__ = ["SAE", "LossContext", "LossOutput", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE"]
+__all__ = ["SAE", "LossContext", "LossOutput", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "GatedSAE", "MatryoshkaSAE",
+           "OrderedSAE"]

@@ -1,0 +1,267 @@
+"""Matryoshka and Ordered SAEs (issue 20) and the orderedness metric (sae_core.ordering).
+
+Formulas against hand-computed cases (the arithmetic beside each assertion), the exact
+nested-prefix loss against its slow twin (values and gradients), configs (defaults, errors,
+old cfg.json files, expanded widths, the stage config), the SAELens export, and the
+acceptance checks on synthetic data. The generic architecture tests (bagging = singles,
+boosting, resume, save/load, devices) cover both through ``architectures()``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sae_core import metrics
+from sae_core.config import SAEConfig, TrainConfig
+from sae_core.io import load_sae, save_sae
+from sae_core.ordering import matched_across_runs, orderedness, orderedness_from, prefix_lengths, prefix_stability
+from sae_core.saes.base import LossContext
+from sae_core.saes.matryoshka import prefix_reconstructions, prefix_sizes
+from sae_core.saes.ordered import nested_prefix_loss, nested_prefix_loss_reference, prefix_length_cdf, prefix_length_pmf
+from sae_core.synthetic import make_sparse_dictionary_data, mean_max_cosine
+from sae_core.training.ensembles import expanded_config
+from sae_core.training.trainer import build_sae, train_sae
+
+
+# ------------------------------------------------------------------ hand-computed SAEs
+def _hand_sae(architecture: str, **fields):
+    """d = 2, m = 3: decoder rows f1 = (1, 0), f2 = (0, 1), f3 = (0.6, 0.8); W_enc picks (a1, a2, 0);
+    zero biases. Tokens (2, 1) and (0, 3) get codes (2, 1, 0) and (0, 3, 0) with k = 2."""
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=2, d_sae=3, k=2, **fields))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]]))
+        sae.W_enc.copy_(torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae, torch.tensor([[[2.0, 1.0], [0.0, 3.0]]])
+
+
+def _ctx(**train) -> LossContext:
+    return LossContext(train_cfg=TrainConfig(n_steps=10, **train), sparsity_coefficient=torch.zeros(1))
+
+
+@pytest.mark.parametrize("code", ["batchtopk", "topk"])
+def test_matryoshka_loss_sums_the_prefix_errors_hand_computed(code):
+    sae, a = _hand_sae("matryoshka", prefix_fractions=(1 / 3, 1.0), matryoshka_code=code)
+    assert sae.prefix_sizes == [1, 3]
+    out = sae.training_loss(a, _ctx())
+    # prefix 1 (f1 only): token 1 → (2, 0), error |(0, 1)|² = 1; token 2 → (0, 0), error |(0, 3)|² = 9; mean 5
+    # prefix 3 (all): both exact, error 0. Sum over prefixes: 5 + 0 = 5 (AuxK 0: no dead latents)
+    assert out.terms["prefix_mse"].item() == pytest.approx(5.0)
+    assert out.terms["mse"].item() == pytest.approx(0.0)
+    assert out.per_member.item() == pytest.approx(5.0)
+    assert out.l0.item() == pytest.approx(1.5)  # codes (2, 1, 0) and (0, 3, 0): 2 and 1 active
+    if code == "batchtopk":
+        assert sae.threshold.item() == pytest.approx(1.0)  # the smallest kept activation of the first batch
+
+
+def test_prefix_reconstructions_equal_decoding_the_truncated_code():
+    gen = torch.Generator().manual_seed(0)
+    codes, W, b = torch.rand(2, 5, 8, generator=gen), torch.randn(2, 8, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    for size, recon in zip([2, 5, 8], prefix_reconstructions(codes, W, b, [2, 5, 8])):
+        torch.testing.assert_close(recon, torch.bmm(codes[:, :, :size], W[:, :size]) + b[:, None, :])
+
+
+def test_ordered_loss_is_the_mean_over_prefix_lengths_hand_computed():
+    sae, a = _hand_sae("ordered")  # uniform p_ND: each of l = 1, 2, 3 has probability 1/3
+    out = sae.training_loss(a, _ctx())
+    # token (2, 1), code (2, 1, 0): l=1 error 1, l=2 and l=3 error 0 → 1/3
+    # token (0, 3), code (0, 3, 0): l=1 error 9, l=2 and l=3 error 0 → 3;  mean (1/3 + 3) / 2 = 5/3
+    assert out.terms["nested_mse"].item() == pytest.approx(5 / 3)
+    assert out.terms["mse"].item() == pytest.approx(0.0)
+
+
+def test_prefix_length_distributions_hand_computed():
+    cfg = lambda **kw: SAEConfig(architecture="ordered", d_in=2, d_sae=4, k=1, **kw)  # noqa: E731
+    torch.testing.assert_close(prefix_length_pmf(cfg()), torch.full((4,), 0.25, dtype=torch.float64))
+    # geometric, scale 1/4 of m = 4: p(l) ∝ exp(-(l - 1)) = 1, e^-1, e^-2, e^-3
+    w = torch.exp(-torch.arange(4, dtype=torch.float64))
+    torch.testing.assert_close(prefix_length_pmf(cfg(prefix_distribution="geometric", prefix_scale=0.25)), w / w.sum())
+    # groups (1/4, 1): prefixes [1, 4]; mass 1/2 on l = 1, 1/2 spread over l = 2, 3, 4
+    groups = prefix_length_pmf(cfg(prefix_distribution="groups", prefix_fractions=(0.25, 1.0)))
+    torch.testing.assert_close(groups, torch.tensor([1 / 2, 1 / 6, 1 / 6, 1 / 6], dtype=torch.float64))
+    cdf = prefix_length_cdf(groups)
+    assert cdf[0] == 0 and cdf[-1] == 1 and cdf[1].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "geometric", "groups"])
+def test_exact_nested_loss_equals_the_mean_over_every_prefix_with_gradients(distribution):
+    """Fast path (k active latents per token, O(k·d)) against its slow twin (m decodes), values and gradients."""
+    extra = {"geometric": {"prefix_scale": 0.2}, "groups": {"prefix_fractions": (0.25, 0.5, 1.0)}}.get(distribution, {})
+    cfg = SAEConfig(architecture="ordered", d_in=6, d_sae=12, k=3, prefix_distribution=distribution, **extra)
+    sae = build_sae(cfg, n_members=2).double()
+    sae.initialize([torch.Generator().manual_seed(j) for j in range(2)])
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # off the tied init, biases non-zero
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    a = torch.randn(2, 16, 6, generator=gen, dtype=torch.float64)
+    pmf = prefix_length_pmf(cfg)
+
+    def grads(loss):
+        sae.zero_grad()
+        loss.sum().backward()
+        return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    pre = sae.pre_activation(a)
+    top = pre.topk(3, dim=-1)
+    fast, recon = nested_prefix_loss(a, top.indices, torch.relu(top.values), sae.W_dec, sae.b_dec, prefix_length_cdf(pmf))
+    fast_grads = grads(fast)
+    slow = nested_prefix_loss_reference(a, sae.activation(sae.pre_activation(a)), sae.W_dec, sae.b_dec, pmf)
+    slow_grads = grads(slow)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(recon, sae.decode(sae.encode(a)))
+    for name in slow_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+# ------------------------------------------------------------------------- configs
+def test_prefix_sizes_scale_with_the_width():
+    cfg = SAEConfig(architecture="matryoshka", d_in=4, d_sae=48, k=3)
+    assert cfg.prefix_fractions == (0.0625, 0.1875, 0.4375, 1.0) and cfg.matryoshka_code == "batchtopk"
+    assert prefix_sizes(cfg.prefix_fractions, 48) == [3, 9, 21, 48]  # 48/16, 3·48/16, 7·48/16, 48
+    wide = expanded_config(cfg, 8)  # the expanded SAE of J = 8 members: 384 latents, k = 24
+    assert build_sae(wide).prefix_sizes == [24, 72, 168, 384]
+    with pytest.raises(ValueError, match=r"give prefix widths \[1, 1, 2, 4\] at d_sae=4"):
+        SAEConfig(architecture="matryoshka", d_in=4, d_sae=4, k=1)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"architecture": "topk", "prefix_fractions": (0.5, 1.0)}, "prefix_fractions is only meaningful for matryoshka"),
+    ({"architecture": "topk", "matryoshka_code": "topk"}, "matryoshka_code is only meaningful for matryoshka"),
+    ({"architecture": "matryoshka", "prefix_distribution": "uniform"}, "prefix_distribution is only meaningful for ordered"),
+    ({"architecture": "matryoshka", "prefix_fractions": (0.5, 0.25, 1.0)}, "strictly increasing"),
+    ({"architecture": "matryoshka", "prefix_fractions": (0.5, 0.9)}, "ending with 1.0"),
+    ({"architecture": "ordered", "prefix_distribution": "geometric"}, "prefix_scale is required by prefix_distribution 'geometric'"),
+    ({"architecture": "ordered", "prefix_scale": 0.1}, "prefix_scale is required by prefix_distribution 'geometric'"),
+    ({"architecture": "ordered", "prefix_distribution": "groups"}, "prefix_fractions is required by prefix_distribution 'groups'"),
+])
+def test_prefix_settings_errors_say_what_to_change(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SAEConfig(d_in=4, d_sae=16, k=2, **fields)
+
+
+def test_cfg_json_keeps_the_settings_and_old_files_still_load(tmp_path):
+    cfg = SAEConfig(architecture="ordered", d_in=4, d_sae=16, k=2, prefix_distribution="geometric", prefix_scale=0.1)
+    sae = build_sae(cfg)
+    sae.initialize([torch.Generator().manual_seed(0)])
+    save_sae(sae, tmp_path / "o")
+    saved = json.loads((tmp_path / "o" / "cfg.json").read_text())
+    assert saved["prefix_distribution"] == "geometric" and saved["prefix_scale"] == 0.1 and "matryoshka_code" not in saved
+    assert load_sae(tmp_path / "o").cfg == cfg
+    # a TopK cfg.json is what it was before these fields existed (cache keys and fingerprints unchanged)
+    assert SAEConfig(architecture="topk", d_in=4, d_sae=16, k=2).model_dump() == {
+        "architecture": "topk", "d_in": 4, "d_sae": 16, "k": 2, "apply_b_dec_to_input": True}
+    # a matryoshka cfg.json without the fields loads with the defaults
+    m = build_sae(SAEConfig(architecture="matryoshka", d_in=4, d_sae=16, k=2))
+    m.initialize([torch.Generator().manual_seed(0)])
+    save_sae(m, tmp_path / "m")
+    path = tmp_path / "m" / "cfg.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("prefix_fractions", "matryoshka_code")}))
+    assert load_sae(tmp_path / "m").cfg == m.cfg
+
+
+def test_stage_config_passes_the_options_to_every_member():
+    from tasks.config import TrainStageConfig
+    from tasks.train_plan import member_config
+
+    assert "architecture_options" not in TrainStageConfig().model_dump()  # unchanged stage cache key when unset
+    stage = TrainStageConfig(architecture="matryoshka", d_sae=64, k=4,
+                             architecture_options={"prefix_fractions": [0.25, 1.0], "matryoshka_code": "topk"})
+    cfg = member_config(stage, d_in=8)
+    assert (cfg.prefix_fractions, cfg.matryoshka_code) == ((0.25, 1.0), "topk")
+    with pytest.raises(ValueError, match="prefix_distribution is only meaningful for ordered"):
+        TrainStageConfig(architecture="topk", architecture_options={"prefix_distribution": "uniform"})
+
+
+# ------------------------------------------------------------------ SAELens export
+@pytest.mark.parametrize(("fields", "saelens"), [
+    ({"architecture": "matryoshka"}, "jumprelu"),
+    ({"architecture": "matryoshka", "matryoshka_code": "topk"}, "topk"),
+    ({"architecture": "ordered"}, "topk"),
+])
+def test_saelens_export_is_the_inference_code(fields, saelens, tmp_path):
+    from sae_core.interop import export_member, read_saelens_folder
+
+    sae = build_sae(SAEConfig(d_in=8, d_sae=32, k=3, **fields))
+    sae.initialize([torch.Generator().manual_seed(0)])
+    if fields.get("matryoshka_code", "batchtopk") == "batchtopk" and fields["architecture"] == "matryoshka":
+        sae.threshold.fill_(0.2)
+    export_member(sae, 0, tmp_path / "f")
+    cfg = json.loads((tmp_path / "f" / "cfg.json").read_text())
+    assert cfg["architecture"] == saelens and cfg["metadata"]["sae_ensembles_architecture"] == fields["architecture"]
+    back = read_saelens_folder(tmp_path / "f").sae
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), sae(x))
+
+
+def test_bagging_of_topk_coded_members_is_refused_as_one_saelens_sae():
+    from sae_core.ensemble import Ensemble
+    from sae_core.interop import NotOneSAE, fold_bagging
+
+    sae = build_sae(SAEConfig(architecture="ordered", d_in=8, d_sae=16, k=2), n_members=2)
+    with pytest.raises(NotOneSAE, match=r"TopK members \(ordered encodes with TopK\)"):
+        fold_bagging(Ensemble(sae, "bagging"))
+
+
+# ---------------------------------------------------------------------- orderedness
+def test_orderedness_hand_computed():
+    eye = torch.eye(4)
+    assert orderedness(eye, eye) == pytest.approx(1.0)
+    assert orderedness(eye, eye.flip(0)) == pytest.approx(-1.0)  # μ(j) = 3 − j: Σ d² = 9+1+1+9 = 20; 1 − 120/60
+    # swap the first two: μ = (1, 0, 2, 3), Σ d² = 2, ρ = 1 − 6·2 / (4·15) = 0.8
+    assert orderedness(eye, eye[[1, 0, 2, 3]]) == pytest.approx(0.8)
+    # unequal sizes: 3 rows matched into 4, μ = (0, 3, 1): ranks (0, 2, 1), Σ d² = 2, ρ = 1 − 12 / 24 = 0.5
+    assert orderedness_from(torch.tensor([0, 1, 2]), torch.tensor([0, 3, 1])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least 2 matched pairs"):
+        orderedness_from(torch.tensor([0]), torch.tensor([0]))
+
+
+def test_prefix_stability_hand_computed():
+    eye = torch.eye(4)
+    other = eye[[1, 0, 3, 2]]  # e2, e1, e4, e3
+    # p=2: {e1, e2} vs {e2, e1}: cosines 1, 1; p=3: e3 vs e4 left, cosine 0 → 2/3; p=4: all 1
+    assert prefix_stability(eye, other, [2, 3, 4]) == pytest.approx([1.0, 2 / 3, 1.0])
+    assert prefix_lengths(10, 4) == [4, 8, 10]
+    with pytest.raises(ValueError, match="outside 1..4"):
+        prefix_stability(eye, other, [5])
+
+
+def test_matched_across_runs_equals_matched_stability_plus_orderedness():
+    gen = torch.Generator().manual_seed(3)
+    dicts = [torch.randn(24, 8, generator=gen) for _ in range(3)]
+    out = matched_across_runs(dicts, exact_max=10)  # above exact_max: the sparse-candidate matching
+    matched, shared = metrics.matched_stability(dicts, exact_max=10)
+    assert out["stability_matched"] == matched and out["stability_shared"] == shared
+    for s in range(3):
+        others = [orderedness(dicts[s], dicts[t], exact_max=10) for t in range(3) if t != s]
+        assert out["orderedness"][s] == pytest.approx(sum(others) / 2)
+
+
+def test_evaluate_stage_writes_orderedness_with_its_ci(tmp_path):
+    from data_contracts.metrics import write_intrinsic, write_summary
+    from tasks.config import EvaluateConfig
+    from tasks.evaluate import _stability_rows, summarise
+    from tasks.report_tables import metric_tables
+    import pandas as pd
+
+    eye = torch.eye(6)
+    runs = {0: eye, 1: eye[[1, 0, 2, 3, 4, 5]], 2: eye}  # Ord: (0,1) 1 − 12/210, (0,2) 1, (1,2) 1 − 12/210
+    rows, _ = _stability_rows({("single", 1): runs}, EvaluateConfig())
+    frame = pd.DataFrame(rows)
+    ordered = frame[frame["metric"] == "orderedness"].sort_values("run")["value"].tolist()
+    low = 1 - 6 * 2 / (6 * 35)
+    assert ordered == pytest.approx([(low + 1) / 2, low, (low + 1) / 2])
+    values = frame.set_index(["metric", "run"])["value"]
+    for r in range(3):  # the floor: the same matching on random dictionaries of the same shapes
+        assert values["orderedness_corrected", r] == pytest.approx(values["orderedness", r] - values["orderedness_random", r])
+    summary = summarise(frame, 0.95)
+    write_intrinsic(frame, tmp_path / "intrinsic.parquet")  # the contract accepts the metric and its range
+    write_summary(summary, tmp_path / "summary.parquet")
+    table = metric_tables(summary)["orderedness"]
+    assert table["orderedness"].iloc[0].startswith("0.9")  # mean [CI], e.g. "0.962 [0.88, 1.04]"
