@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure, check_schema, read_parquet, run_suite, write_parquet_atomic
 
-MODEL_PATTERN = r"^(models/[a-z_]+(?:_J[0-9]+)?/run=[0-9]+|activations)$"
+MODEL_PATTERN = r"^(?:models/[a-z_]+(?:_J[0-9]+)?/run=[0-9]+|activations)$"
 CONTAINMENT_TOL = 1e-9
 
 SCHEMAS: dict[str, pa.Schema] = {

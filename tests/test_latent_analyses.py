@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -125,10 +126,15 @@ def test_sparse_head_clear_errors():
 
 # --------------------------------------------------------------------------- steering
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(llama_dir):
     from sae_core.models import load_model
 
-    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")), 1, causal_lm=True)
+    return load_model(str(llama_dir), 1, causal_lm=True)
 
 
 def test_steering_hook_adds_exactly_alpha_d_to_the_residual_stream(tiny_llama):
@@ -162,3 +168,179 @@ def test_alpha_zero_reproduces_the_plain_generation_and_a_large_alpha_changes_it
     direction = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(1))
     assert steered_generate(model, tiny_llama.block, direction, 0.0, prompt, 8) == plain
     assert steered_generate(model, tiny_llama.block, direction, 50.0, prompt, 8) != plain
+
+
+# --------------------------------------------------------------------------- the contracts
+def _cones_row(**change) -> dict:
+    row = {"method": "bagging", "model": "models/bagging/run=0", "run": 0, "n_members": 1, "concept": "bbc:sport",
+           "dictionary": "sae", "draw": 0, "candidates": 8, "containment": 0.75, "residual": 0.5, "n_atoms": 3}
+    return row | change
+
+
+@pytest.mark.parametrize("kind, frame, expectation", [
+    ("concept_cones", pd.DataFrame([_cones_row(containment=0.5)]), "containment = 1 − residual²"),
+    ("concept_cones", pd.DataFrame([_cones_row(dictionary="other")]), "expect_column_values_to_be_in_set"),
+    ("concept_cones", pd.DataFrame([_cones_row(model="bagging")]), "expect_column_values_to_match_regex"),
+    ("latent_monosemanticity", pd.DataFrame([{"method": "bagging", "model": "models/bagging/run=0", "member": 0, "latent": 1,
+                                              "n_active": 3, "score": 1.5}]), "expect_column_values_to_be_between"),
+    ("steering", pd.DataFrame([{"model": "models/bagging/run=0", "member": 0, "latent": 1, "prompt": "p", "strength": 0.0,
+                                "norm": 0.0, "generation": "x", "changed": True}]), "strength 0 adds nothing"),
+])
+def test_a_broken_latent_table_is_not_written(tmp_path, kind, frame, expectation):
+    from data_contracts import ContractViolation
+    from data_contracts.latents import write_latent_table
+
+    with pytest.raises(ContractViolation, match=expectation):
+        write_latent_table(frame, tmp_path / "t.parquet", kind)
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_undefined_monosemanticity_is_null_and_round_trips(tmp_path):
+    from data_contracts.latents import read_latent_table, write_latent_table
+
+    frame = pd.DataFrame({"method": ["neurons", "neurons"], "model": ["activations"] * 2, "member": [0, 0], "latent": [0, 1],
+                          "n_active": [1, 5], "score": [np.nan, 0.25]})
+    write_latent_table(frame, tmp_path / "m.parquet", "latent_monosemanticity")
+    got = read_latent_table(tmp_path / "m.parquet")
+    assert np.isnan(got["score"][0]) and got["score"][1] == 0.25
+
+
+# --------------------------------------------------------------------------- the stage's job on a tiny run
+TOPICS = ["business", "sport", "politics", "film", "tech"]   # the five texts of tests.tiny_models.TEXTS, in order
+
+
+def _write_tokens(directory: Path, split: str, doc_ids, positions, token_ids, acts: np.ndarray, model: str) -> None:
+    from data_contracts.activations import ActivationManifest, write_manifest, write_shard
+
+    info = write_shard(directory, split, 0, np.array(doc_ids), np.array(positions), np.array(token_ids), acts, "cfg")
+    manifest = ActivationManifest(
+        model=model, revision="r", layer=1, d=acts.shape[1], tokenizer="t", vocab_size=200, context_length=64,
+        include_special_tokens=False, corpus_fingerprint="c", config_fingerprint="cfg",
+        tokens_per_split={s: (len(doc_ids) if s == split else 0) for s in ("train", "val", "test")},
+        documents_per_split={s: (len(set(doc_ids)) if s == split else 0) for s in ("train", "val", "test")},
+        shards=[info], max_norm=1e4,
+    )
+    write_manifest(directory, manifest)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, llama_dir) -> Path:
+    """A run directory built from the tiny Llama's real residual stream at layer 1 on the 20 texts
+    of tests.tiny_models: the test split, bagging and boosting (J = 2) trained on it, and a
+    labelled probing set (the texts' five topics) with its token cache, as downstream writes them."""
+    from data_contracts.labelled import write_table
+    from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging, train_boosting
+    from sae_core.models import load_model, residual_stream
+    from tasks.common import ModelDir
+    from tests.tiny_models import TEXTS
+
+    run_dir = tmp_path_factory.mktemp("run")
+    loaded = load_model(str(llama_dir), 1)
+    doc_ids, positions, token_ids, acts = [], [], [], []
+    for n, text in enumerate(TEXTS):
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        h = residual_stream(loaded, torch.tensor([loaded.prefix_ids + ids]), torch.ones(1, len(ids) + 1, dtype=torch.long))
+        acts.append(h[0, 1:].numpy())
+        doc_ids += [f"doc{n:02d}"] * len(ids)
+        positions += list(range(1, len(ids) + 1))
+        token_ids += ids
+    x = np.concatenate(acts).astype(np.float32)
+    _write_tokens(run_dir / "activations", "test", doc_ids, positions, token_ids, x, str(llama_dir))
+    data = torch.from_numpy(x)
+    cfg = SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=16, k=3)
+    train = TrainConfig(n_steps=20, batch_size=64, lr=3e-3, warmup_steps=0, b_dec_init_samples=64, log_every=20)
+    save_ensemble(train_bagging(cfg, data, train, 2).ensemble.eval(), ModelDir("bagging", 0).path(run_dir))
+    save_ensemble(train_boosting(cfg, data, train, 2).ensemble.eval(), ModelDir("boosting", 0).path(run_dir))
+    docs = pd.DataFrame({"doc_id": [f"doc{n:02d}" for n in range(20)], "dataset": "topics", "text": TEXTS,
+                         "label": [TOPICS[n % 5] for n in range(20)], "split": ["train"] * 10 + ["test"] * 10})
+    write_table(docs, run_dir / "downstream" / "datasets" / "probe_topics.parquet", "labelled_probing")
+    _write_tokens(run_dir / "downstream" / "activations", "train", doc_ids, positions, token_ids, x, str(llama_dir))
+    return run_dir
+
+
+def _analyses_cfg(embedder: Path, **steering):
+    from tasks.config_latent import LatentAnalysisConfig
+
+    return LatentAnalysisConfig.model_validate({
+        "monosemanticity": {"eval_contexts": 60, "embedding_model": str(embedder), "baseline_directions": 4},
+        "cones": {"candidates": 6, "random_dictionaries": 2, "max_concepts": 2},
+        "sparse_head": {"l1": 0.02, "steps": 100, "top_latents": 3, "max_concepts": 2},
+        "steering": {"n_latents": 1, "strengths": [0.0, 30.0], "prompts": ["the team"], "max_new_tokens": 4} | steering,
+    })
+
+
+def test_run_latent_analyses_writes_every_contracted_table_and_the_report_shows_them(tiny_run, llama_dir, tmp_path):
+    from data_contracts.latents import read_latent_table
+    from sae_core.steering import greedy_generate
+    from sae_core.models import load_model
+    from tasks.latent_analyses import ALL_FILES, run_latent_analyses
+    from tasks.report_doc import Document
+    from tasks.report_latents import latent_sections
+
+    embedder = build_tiny_model(tmp_path / "bert", "bert")   # a separate encoder: not the analysed model
+    explanations = pd.DataFrame({"model": ["models/bagging/run=0"] * 2, "member": [1, 0], "latent": [3, 5],
+                                 "explanation": ["sport", "money"], "detection": [0.9, 0.6]})
+    written = run_latent_analyses(tiny_run, _analyses_cfg(embedder), explanations, progress=False)
+    assert sorted(written) == sorted(ALL_FILES)
+    tables = {rel: read_latent_table(tiny_run / rel) for rel in written}
+
+    mono = tables["latents/monosemanticity.parquet"]
+    assert mono.groupby("method").size().to_dict() == {"bagging": 32, "boosting": 32, "neurons": 32, "random_directions": 4}
+    assert mono["score"].notna().sum() > 40
+
+    cones = tables["latents/cones.parquet"]
+    assert set(cones["concept"]) == {"topics:business", "topics:film"}
+    assert set(zip(cones["method"], cones["n_members"])) == {("bagging", 1), ("bagging", 2), ("boosting", 1), ("boosting", 2)}
+    assert (cones["dictionary"] == "random").sum() == 2 * 4 * 2 and (cones["n_atoms"] <= 6).all()
+
+    heads = tables["latents/sparse_head.parquet"]
+    assert len(heads) == 2 * 2 and (heads["n_features"] == 32).all() and (heads["n_test"] == 4).all()
+    assert set(tables["latents/sparse_head_latents.parquet"]["explanation"]) <= {"", "sport", "money"}
+
+    steering = tables["latents/steering.parquet"]
+    assert set(zip(steering["member"], steering["latent"])) == {(1, 3)}     # the best-explained latent
+    loaded = load_model(str(llama_dir), 1, causal_lm=True)
+    ids = loaded.prefix_ids + loaded.tokenizer("the team", add_special_tokens=False)["input_ids"]
+    plain = loaded.tokenizer.decode(greedy_generate(loaded.model, ids, 4, loaded.tokenizer.eos_token_id), skip_special_tokens=True)
+    assert steering.loc[steering["strength"] == 0, "generation"].tolist() == [plain]
+
+    text = Document("t", latent_sections(tiny_run)).to_markdown(tiny_run)
+    for heading in ("### Monosemanticity", "### Concept cones", "### Sparse interpretable head", "### Steering"):
+        assert heading in text
+
+    # an analysis switched off leaves no stale table behind
+    off = _analyses_cfg(embedder).model_copy(update={"monosemanticity": _analyses_cfg(embedder).monosemanticity.model_copy(
+        update={"enabled": False}), "cones": _analyses_cfg(embedder).cones.model_copy(update={"enabled": False}),
+        "sparse_head": _analyses_cfg(embedder).sparse_head.model_copy(update={"enabled": False})})
+    assert run_latent_analyses(tiny_run, off, None, progress=False) == ["latents/steering.parquet"]
+    assert not (tiny_run / "latents" / "monosemanticity.parquet").exists()
+    shown = Document("t", latent_sections(tiny_run)).to_markdown(tiny_run)
+    assert "### Steering" in shown and "Monosemanticity" not in shown and "Concept cones" not in shown
+
+
+def test_steering_skips_an_encoder_model_saying_why(tmp_path, caplog):
+    from tasks.config_latent import SteeringConfig
+    from tasks.latent_steering import run_steering
+
+    bert = build_tiny_model(tmp_path / "bert", "bert")
+    _write_tokens(tmp_path / "run" / "activations", "test", ["d"] * 3, [1, 2, 3], [5, 6, 7],
+                  np.zeros((3, 32), dtype=np.float32), str(bert))
+    with caplog.at_level("INFO", logger="sae_ensembles"):
+        assert run_steering(tmp_path / "run", SteeringConfig(), None, progress=False) == []
+    assert "steering skipped" in caplog.text and "not a causal LM" in caplog.text
+
+
+def test_explanations_and_best_explained_latents_are_read_robustly():
+    from tasks.latent_sparse_head import explanation_lookup
+    from tasks.latent_steering import best_explained, most_frequent
+
+    frame = pd.DataFrame({"model": ["m", "m", "m"], "member": [0, 1, 1], "latent": [4, 2, 7], "explanation": ["a", None, "c"],
+                          "detection": [0.5, 0.9, 0.7]})
+    assert explanation_lookup(frame) == {("m", 0, 4): "a", ("m", 1, 7): "c"}
+    assert explanation_lookup(None) == {} and explanation_lookup(frame.drop(columns="explanation")) == {}
+    assert best_explained(frame, "m", 2) == [(1, 2), (1, 7)] and best_explained(frame, "other", 2) == []
+    assert best_explained(frame.drop(columns="detection"), "m", 2) == []
+    codes = torch.zeros(2, 5, 3)
+    codes[1, :4, 2] = 1.0
+    codes[0, :2, 0] = 1.0
+    assert most_frequent(codes, 3) == [(1, 2), (0, 0)]   # never-firing latents are not chosen
