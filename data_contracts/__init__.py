@@ -65,6 +65,15 @@ def validate(artifact: str | Path) -> object:
         from data_contracts.contexts import read_contexts
 
         return read_contexts(artifact)
+    if kind == "latent_contexts":
+        from data_contracts.interpret_contexts import read_latent_contexts
+
+        return read_latent_contexts(artifact)
+    if kind.startswith("interpret_"):
+        from data_contracts.interpret import KINDS as INTERPRET_KINDS, read_interpret
+
+        if kind in INTERPRET_KINDS:
+            return read_interpret(artifact, kind)
     from data_contracts.labelled import KINDS as DOWNSTREAM_KINDS, read_table
 
     if kind in DOWNSTREAM_KINDS:

@@ -2,7 +2,7 @@
 
 Subcommands:
   run         the whole pipeline as a Prefect flow (finished stages come from the cache)
-  extract, train, evaluate, downstream, report
+  extract, train, evaluate, downstream, interpret, report
               one stage as a Prefect flow; it reads the earlier stages' artifacts
   synthetic   train every architecture on a synthetic sparse dictionary and report how
               well each recovers it (an end-to-end check of sae_core on this machine).
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "train single, expanded, bagging and boosting SAEs",
         "evaluate": "compute the intrinsic metrics and their figures",
         "downstream": "sparse probing and spurious correlation removal",
+        "interpret": "explain sampled latents with an LLM, score the explanations, run the latent analyses",
         "report": "write report/report.md and report/report.html",
     }
     for name, text in helps.items():

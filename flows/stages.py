@@ -32,6 +32,7 @@ from flows.artifacts import publish_stage_artifacts
 from flows.orchestration import unit_executor
 from flows.storage import RunStore
 from tasks.common import ACTIVATIONS_DIR, DOCUMENTS_FILE, DOWNSTREAM_DIR, FIGURES_DIR, METRICS_DIR, MODELS_DIR, REPORT_DIR
+from tasks.config_interpret import InterpretConfig
 from tasks.config import DownstreamConfig, EvaluateConfig, ExtractConfig, OrchestrationConfig, PipelineConfig, TrainStageConfig
 from tasks.units import UnitExecutor
 from tasks.prefect_tasks import StageOutcome, progress_enabled, run_stage
@@ -71,6 +72,7 @@ PUBLISHED: dict[str, tuple[str, ...]] = {
     "train": (MODELS_DIR,),
     "evaluate": (METRICS_DIR, FIGURES_DIR),
     "downstream": (DOWNSTREAM_DIR, FIGURES_DIR),
+    "interpret": ("interpret", FIGURES_DIR),
     "report": (REPORT_DIR,),
 }
 # (not hashes.json: its keys are this machine's file times)
@@ -178,6 +180,15 @@ def downstream_flow(
     return run_stage_flow("downstream", config, run_dir, force, config_file, orchestration)
 
 
+@flow(name="interpret", flow_run_name=_run_name, log_prints=True)
+def interpret_flow(
+    config: InterpretConfig = InterpretConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None,
+    orchestration: OrchestrationConfig = OrchestrationConfig(),
+) -> StageOutcome:
+    """Explanations of sampled latents by an LLM, scored by detection and fuzzing, and the latent analyses."""
+    return run_stage_flow("interpret", config, run_dir, force, config_file, orchestration)
+
+
 @flow(name="report", flow_run_name=_run_name, log_prints=True)
 def report_flow(
     config: PipelineConfig = PipelineConfig(), run_dir: str | None = None, force: bool = False, config_file: str | None = None
@@ -201,7 +212,8 @@ def extraction_lines(outcome: StageOutcome, run_dir: Path) -> list[str]:
     ]
 
 
-STAGE_FLOWS = {"extract": extract_flow, "train": train_flow, "evaluate": evaluate_flow, "downstream": downstream_flow, "report": report_flow}
+STAGE_FLOWS = {"extract": extract_flow, "train": train_flow, "evaluate": evaluate_flow, "downstream": downstream_flow,
+               "interpret": interpret_flow, "report": report_flow}
 
 
 def stage_section(config: PipelineConfig, stage: str) -> BaseModel:

@@ -11,6 +11,7 @@ from sae_core.devices import DEVICE_SETTINGS, check_device_setting
 from sae_core.methods import TRAINED_METHOD_NAMES, MethodName
 from sae_core.registry import uses_k
 from tasks.config_sections import ImportedSAE, OrchestrationConfig, Strict
+from tasks.config_interpret import InterpretConfig, LatentContextsConfig
 
 
 
@@ -243,6 +244,7 @@ class EvaluateConfig(Strict):
     latents_per_member: int = Field(
         default=3, ge=0, description="Latents (the most frequent) whose contexts are kept, for bagging run 0's first and last member."
     )
+    latent_contexts: LatentContextsConfig = Field(default_factory=LatentContextsConfig)
 
 
 # ------------------------------------------------------------------------- downstream
@@ -349,6 +351,7 @@ class PipelineConfig(Strict):
     train: TrainStageConfig = Field(default_factory=TrainStageConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    interpret: InterpretConfig = Field(default_factory=InterpretConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     orchestration: OrchestrationConfig = Field(
         default_factory=OrchestrationConfig, description="Where units of work run (local by default); never changes a result."

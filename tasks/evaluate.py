@@ -253,6 +253,10 @@ def run_evaluation(cfg: EvaluateConfig, run_dir: str | Path, *, progress: bool =
             result.notes.append("top contexts: no bagging run 0 or no test split; none written")
         else:
             tables.append(contexts)
+    from tasks.interpret_contexts import write_latent_contexts_table
+
+    latent_contexts = write_latent_contexts_table(run_dir, manifest.model, cfg.latent_contexts)
+    tables += [latent_contexts] if latent_contexts else []
     result.written += tables
     result.validated += tables
 

@@ -86,6 +86,7 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str]] = {
     "train": ("tasks.train", "run_training"),
     "evaluate": ("tasks.evaluate", "run_evaluation"),
     "downstream": ("tasks.downstream", "run_downstream"),
+    "interpret": ("tasks.interpret", "run_interpret"),
     "report": ("tasks.report", "run_report"),
 }
 

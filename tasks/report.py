@@ -167,6 +167,10 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> Doc
     doc.blocks += sections.extra_downstream_tables(read.extra_downstream_tables())
     doc.blocks += sections.downstream_figures_section(figures)
     doc.blocks += sections.top_contexts_section(read.table(sections.TOP_CONTEXTS_FILE))
+    from tasks.report_interpret import interpretation_section
+    from tasks.report_latents import latent_sections
+
+    doc.blocks += interpretation_section(run_dir) + latent_sections(run_dir)  # the interpret stage's tables
     models = read.models()
     doc.blocks += training_section(read.training(models), cfg.train.recipe.dead_window_description())
     doc.blocks += sections.models_section([m.relative for m in models])

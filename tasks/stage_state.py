@@ -39,8 +39,8 @@ from tasks.common import (
     REPORT_DIR,
 )
 
-StageName = Literal["extract", "train", "evaluate", "downstream", "report"]
-STAGES: tuple[str, ...] = ("extract", "train", "evaluate", "downstream", "report")
+StageName = Literal["extract", "train", "evaluate", "downstream", "interpret", "report"]
+STAGES: tuple[str, ...] = ("extract", "train", "evaluate", "downstream", "interpret", "report")
 STATE_DIR = ".prefect"  # under the run directory: results/, stamps/, hashes.json
 
 # What each stage produces (globs relative to the run directory). The stamp also keeps
@@ -51,6 +51,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": (f"{MODELS_DIR}/**/*",),
     "evaluate": (f"{METRICS_DIR}/**/*", f"{FIGURES_DIR}/intrinsic*"),
     "downstream": (f"{DOWNSTREAM_DIR}/**/*", f"{FIGURES_DIR}/probing*", f"{FIGURES_DIR}/scr*"),
+    "interpret": ("interpret/**/*",),
     "report": (f"{REPORT_DIR}/**/*",),
 }
 
@@ -61,6 +62,7 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "train": ((MANIFEST_FILE, "extract"),),
     "evaluate": ((MANIFEST_FILE, "extract"), (MODELS_DIR, "train")),
     "downstream": ((DOCUMENTS_FILE, "extract"), (MANIFEST_FILE, "extract"), (MODELS_DIR, "train")),
+    "interpret": ((MANIFEST_FILE, "extract"), (MODELS_DIR, "train")),  # and evaluate's latent contexts (checked by the stage)
     "report": (),  # the report says which artifact is missing and which stage makes it
 }
 
@@ -70,8 +72,9 @@ _SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "extract": ("tasks/extract*.py", "tasks/sources.py"),
     "train": ("tasks/train*.py", "tasks/live_activations.py", "tasks/extract*.py", "tasks/interop.py"),
-    "evaluate": ("tasks/evaluate.py", "tasks/figures.py", "tasks/top_contexts.py"),
+    "evaluate": ("tasks/evaluate.py", "tasks/figures.py", "tasks/top_contexts.py", "tasks/interpret_contexts.py", "tasks/config_interpret.py", "tasks/config_latent.py"),
     "downstream": ("tasks/downstream*.py", "tasks/labelled.py", "tasks/sources.py", "tasks/extract*.py", "tasks/figures.py"),
+    "interpret": ("tasks/interpret*.py", "tasks/config_interpret.py", "tasks/config_latent.py", "tasks/latent_*.py"),
     "report": ("tasks/report*.py", "tasks/claims.py", "tasks/interop.py", "tasks/saebench.py"),
 }
 _ROOT = Path(__file__).resolve().parent.parent
