@@ -7,6 +7,7 @@ Subcommands:
   synthetic   train every architecture on a synthetic sparse dictionary and report how
               well each recovers it (an end-to-end check of sae_core on this machine).
   export      write a trained model as SAELens folders (cfg.json + sae_weights.safetensors)
+  sweep       a grid or population of train settings (configs/sweep-smoke.yaml), with the L0 guide
 
 Every stage command takes --config FILE (YAML, default configs/default.yaml), --out DIR
 (default runs/<config name>/) and --force STAGE. Without PREFECT_API_URL the flows run
@@ -59,6 +60,27 @@ def _export(args: argparse.Namespace) -> int:
     if result.not_one_sae:
         print(f"not exported as one SAE: {result.not_one_sae}")
     print(f"load with: sae_lens.SAE.load_from_disk('{Path(args.out) / next(iter(result.folders))}')")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from flows.configs import ConfigError
+    from flows.sweep import load_sweep_config, sweep_flow
+
+    try:
+        sweep = load_sweep_config(args.config)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+
+    try:
+        summary = sweep_flow(config=sweep, run_dir=args.out)
+    except STAGE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out or Path("runs") / sweep.pipeline().name) / "sweep"
+    print(f"chosen: {summary['values']} by {summary['why']}")
+    print(f"results: {out / 'results.parquet'}; best config: {out / 'best.yaml'}; report: {out / 'report.html'}")
     return 0
 
 
@@ -169,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", default="saelens", choices=["saelens"], help="output format (default: saelens)")
     exp.add_argument("--out", required=True, help="output directory")
     exp.set_defaults(handler=_export)
+    swp = sub.add_parser("sweep", help="train and score a grid or population of train settings; pick k with the L0 guide",
+                         description="Extract with the base config's extract section (cached), train one SAE per grid point and "
+                         "seed (or a population), score each on the validation split, write OUT/sweep/ (results.parquet, "
+                         "best.yaml, report.md/html).")
+    swp.add_argument("--config", required=True, help="sweep YAML (e.g. configs/sweep-smoke.yaml)")
+    swp.add_argument("--out", help="run directory (default: runs/<base config name>)")
+    swp.set_defaults(handler=_sweep)
     from flows.stages import STAGES
 
     helps = {

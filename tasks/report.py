@@ -174,6 +174,9 @@ def build_report(cfg: PipelineConfig, run_dir: Path, result: StageResult) -> Doc
     models = read.models()
     doc.blocks += training_section(read.training(models), cfg.train.recipe.dead_window_description())
     doc.blocks += sections.models_section([m.relative for m in models])
+    from tasks.report_sweep import sweep_blocks
+
+    doc.blocks += sweep_blocks(run_dir)  # sweep/results.parquet from `sae-ensembles sweep` into this run directory, if any
     doc.blocks += sections.missing_section(read.missing)
     doc.blocks += sections.configuration_section(cfg)
     doc.blocks += sections.versions_section(package_versions())
