@@ -66,10 +66,11 @@ class SteeringConfig(Strict):
     enabled: bool = Field(default=True, description="Steer with the chosen latents (decoder models; skipped for encoders).")
     method: str = Field(default="bagging", description="Method whose run 0 ensemble provides the latents.")
     latents: list[tuple[int, int]] | None = Field(
-        default=None, description="(member, latent) pairs to steer with; None: the best-explained latents, else the most frequent.")
+        default=None, description="(member, latent) pairs to steer with; None: the best-explained latents (the interpret stage's "
+        "detection AUROC), else the most frequent on the test tokens.")
     n_latents: int = Field(default=2, ge=0, description="Latents chosen when `latents` is None.")
     strengths: list[float] = Field(
-        default_factory=lambda: [0.0, 4.0, 8.0],
+        default_factory=lambda: [0.0, 2.0, 6.0],
         description="α as multiples of the latent's typical (mean nonzero) activation times its decoder row's norm; 0 = plain.")
     prompts: list[str] = Field(
         default_factory=lambda: ["The weather today is", "My favourite food is"], min_length=1,

@@ -28,7 +28,8 @@ from tasks.latent_data import STEERING_FILE, TEST_SPLIT, first_tokens
 from tasks.progress import ProgressLog, run_logger
 
 STEERING_TOKENS = 4096
-SCORE_COLUMNS = ("detection", "score", "fuzzing")   # the explanations' score used to rank latents, first present
+#: the explanations' score that ranks latents: the first of these columns present (the interpret stage writes the four first)
+SCORE_COLUMNS = ("detection_auroc", "detection_accuracy", "fuzzing_auroc", "fuzzing_accuracy", "score")
 
 
 def best_explained(explanations: pd.DataFrame | None, model: str, n: int) -> list[tuple[int, int]]:

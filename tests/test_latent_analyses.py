@@ -279,7 +279,7 @@ def test_run_latent_analyses_writes_every_contracted_table_and_the_report_shows_
 
     embedder = build_tiny_model(tmp_path / "bert", "bert")   # a separate encoder: not the analysed model
     explanations = pd.DataFrame({"model": ["models/bagging/run=0"] * 2, "member": [1, 0], "latent": [3, 5],
-                                 "explanation": ["sport", "money"], "detection": [0.9, 0.6]})
+                                 "explanation": ["sport", "money"], "detection_accuracy": [0.9, 0.6]})
     written = run_latent_analyses(tiny_run, _analyses_cfg(embedder), explanations, progress=False)
     assert sorted(written) == sorted(ALL_FILES)
     tables = {rel: read_latent_table(tiny_run / rel) for rel in written}
@@ -335,12 +335,51 @@ def test_explanations_and_best_explained_latents_are_read_robustly():
     from tasks.latent_steering import best_explained, most_frequent
 
     frame = pd.DataFrame({"model": ["m", "m", "m"], "member": [0, 1, 1], "latent": [4, 2, 7], "explanation": ["a", None, "c"],
-                          "detection": [0.5, 0.9, 0.7]})
+                          "detection_auroc": [0.5, 0.9, 0.7], "fuzzing_auroc": [0.9, 0.1, 0.1]})
     assert explanation_lookup(frame) == {("m", 0, 4): "a", ("m", 1, 7): "c"}
     assert explanation_lookup(None) == {} and explanation_lookup(frame.drop(columns="explanation")) == {}
     assert best_explained(frame, "m", 2) == [(1, 2), (1, 7)] and best_explained(frame, "other", 2) == []
-    assert best_explained(frame.drop(columns="detection"), "m", 2) == []
+    assert best_explained(frame.drop(columns="detection_auroc"), "m", 1) == [(0, 4)]   # the next score column
+    assert best_explained(frame.drop(columns=["detection_auroc", "fuzzing_auroc"]), "m", 2) == []
     codes = torch.zeros(2, 5, 3)
     codes[1, :4, 2] = 1.0
     codes[0, :2, 0] = 1.0
     assert most_frequent(codes, 3) == [(1, 2), (0, 0)]   # never-firing latents are not chosen
+
+
+@pytest.mark.slow
+def test_steering_the_real_smollm2_changes_its_generation(tmp_path):
+    """Real SmolLM2-135M at layer 6: a bagging ensemble trained on its residual stream over a
+    few hundred tokens, the most frequent latent steered at strengths 0 and 8."""
+    from data_contracts.latents import read_latent_table
+    from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging
+    from sae_core.models import load_model, residual_stream
+    from tasks.common import ModelDir
+    from tasks.config_latent import SteeringConfig
+    from tasks.latent_steering import run_steering
+    from tests.tiny_models import TEXTS
+
+    loaded = load_model("smollm2-135m", 6)
+    doc_ids, positions, token_ids, acts = [], [], [], []
+    for n, text in enumerate(TEXTS * 2):
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        h = residual_stream(loaded, torch.tensor([loaded.prefix_ids + ids]), torch.ones(1, len(ids) + 1, dtype=torch.long))
+        acts.append(h[0, 1:].numpy())
+        doc_ids += [f"doc{n:02d}"] * len(ids)
+        positions += list(range(1, len(ids) + 1))
+        token_ids += ids
+    x = np.concatenate(acts).astype(np.float32)
+    _write_tokens(tmp_path / "activations", "test", doc_ids, positions, token_ids, x, "smollm2-135m")
+    manifest_path = tmp_path / "activations" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"layer": 1', '"layer": 6'))
+    cfg = SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=256, k=8)
+    train = TrainConfig(n_steps=60, batch_size=128, lr=3e-3, warmup_steps=0, b_dec_init_samples=256, log_every=60)
+    save_ensemble(train_bagging(cfg, torch.from_numpy(x), train, 2).ensemble.eval(), ModelDir("bagging", 0).path(tmp_path))
+    steering = SteeringConfig(n_latents=2, strengths=[0.0, 8.0], prompts=["The weather today is", "My favourite food is"],
+                              max_new_tokens=8)
+    assert run_steering(tmp_path, steering, None, progress=False) == ["latents/steering.parquet"]
+    table = read_latent_table(tmp_path / "latents" / "steering.parquet")
+    assert len(table) == 2 * 2 * 2 and (table["generation"].str.len() > 0).all()
+    assert not table.loc[table["strength"] == 0, "changed"].any()
+    assert table.loc[table["strength"] == 8, "changed"].any()
+    print(table[["latent", "prompt", "strength", "norm", "generation"]].to_string())
