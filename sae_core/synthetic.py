@@ -79,6 +79,8 @@ SYNTHETIC_RECIPES: dict[str, tuple[dict, dict]] = {
     "batchtopk": ({"k": 4}, {}),
     "jumprelu": ({}, {"sparsity_coefficient": 0.2}),
     "gated": ({}, {"sparsity_coefficient": 1.0}),
+    "matryoshka": ({"k": 4}, {}),
+    "ordered": ({"k": 4}, {}),
 }
 
 

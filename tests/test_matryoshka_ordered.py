@@ -118,6 +118,37 @@ def test_exact_nested_loss_equals_the_mean_over_every_prefix_with_gradients(dist
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("fields", [{"architecture": "matryoshka"}, {"architecture": "matryoshka", "matryoshka_code": "topk"},
+                                    {"architecture": "ordered", "prefix_distribution": "geometric", "prefix_scale": 0.3}])
+def test_bf16_autocast_step_is_close_to_the_fp32_step(fields):
+    from sae_core.devices import autocast, supports_bf16
+
+    if not supports_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no bf16")
+    sae = build_sae(SAEConfig(d_in=16, d_sae=64, k=4, **fields), n_members=2)
+    gen = torch.Generator().manual_seed(0)
+    sae.initialize([torch.Generator().manual_seed(1 + j) for j in range(2)])
+    a = torch.randn(2, 64, 16, generator=gen) * 2 + 0.5
+    dead = torch.zeros(2, 64, dtype=torch.bool)
+    dead[:, ::3] = True  # AuxK has dead latents to use
+    ctx = LossContext(train_cfg=TrainConfig(n_steps=10), sparsity_coefficient=torch.zeros(2), dead_mask=dead,
+                      update_statistics=False)
+
+    def step():
+        sae.zero_grad(set_to_none=True)
+        out = sae.training_loss(a, ctx)
+        out.loss.backward()
+        return out.per_member.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    want, want_grads = step()
+    with autocast(torch.device("cpu")):
+        got, got_grads = step()
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=0)
+    for name, g in want_grads.items():  # the direction of every gradient survives bf16
+        assert got_grads[name].dtype == torch.float32
+        assert float(torch.nn.functional.cosine_similarity(got_grads[name].flatten(), g.flatten(), dim=0)) > 0.98, name
+
+
 # ------------------------------------------------------------------------- configs
 def test_prefix_sizes_scale_with_the_width():
     cfg = SAEConfig(architecture="matryoshka", d_in=4, d_sae=48, k=3)
@@ -265,3 +296,79 @@ def test_evaluate_stage_writes_orderedness_with_its_ci(tmp_path):
     write_summary(summary, tmp_path / "summary.parquet")
     table = metric_tables(summary)["orderedness"]
     assert table["orderedness"].iloc[0].startswith("0.9")  # mean [CI], e.g. "0.962 [0.88, 1.04]"
+
+
+# ----------------------------------------------------------------------- acceptance
+def _recipe(n_steps: int, seed: int = 0, batch_size: int = 128, lr: float = 5e-3) -> TrainConfig:
+    return TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=n_steps // 10,
+                       dead_tokens_threshold=20 * batch_size, log_every=n_steps, b_dec_init_samples=2048)
+
+
+def test_matryoshka_prefixes_improve_with_length_and_the_first_is_purer_than_a_plain_narrow_sae():
+    """32 Zipf-frequency features in d = 32 (3 active on average); m = 32, k = 3, prefixes (4, 8, 16, 32), 250 steps.
+
+    Measured (held-out 4096 tokens): prefix MSE 1.31 > 0.93 > 0.52 > 0.39 (prefix L0 1.2, 1.9, 2.6, 3.0). A plain
+    BatchTopK SAE of width 4 (k = 3, same data, recipe and steps) reconstructs better with its own code (MSE 1.04),
+    but its latents are mixtures: mean over its latents of the max cosine to a true feature 0.51, against 0.79 for
+    the first prefix's latents. The first 4 latents of a plain BatchTopK SAE of full width reconstruct far worse
+    (MSE 1.90): without the nested loss a prefix means nothing.
+    """
+    data = make_sparse_dictionary_data(n_features=32, d=32, n_samples=16_384, mean_active=3, seed=0, frequency_exponent=1.2)
+    train, test = data.activations[:-4096], data.activations[-4096:]
+    cfg = SAEConfig(architecture="matryoshka", d_in=32, d_sae=32, k=3, prefix_fractions=(0.125, 0.25, 0.5, 1.0))
+    sae = train_sae(cfg, train, _recipe(250, lr=3e-3)).sae
+    narrow = train_sae(SAEConfig(architecture="batchtopk", d_in=32, d_sae=4, k=3), train, _recipe(250, lr=3e-3)).sae
+    plain = train_sae(SAEConfig(architecture="batchtopk", d_in=32, d_sae=32, k=3), train, _recipe(250, lr=3e-3)).sae
+    with torch.no_grad():
+        recons = prefix_reconstructions(sae.encode(test)[None], sae.W_dec, sae.b_dec, sae.prefix_sizes)
+        mse = [metrics.mse(test, r[0]) for r in recons]
+        plain_first = prefix_reconstructions(plain.encode(test)[None], plain.W_dec, plain.b_dec, [4, 32])[0][0]
+    print("prefix MSE", mse, "plain first 4", metrics.mse(test, plain_first))
+    assert all(longer < shorter for shorter, longer in zip(mse, mse[1:])), mse
+    assert mse[-1] == pytest.approx(metrics.mse(test, sae(test).detach()))
+    purity, narrow_purity = mean_max_cosine(sae.W_dec[0, :4], data.dictionary), mean_max_cosine(narrow.W_dec[0], data.dictionary)
+    assert purity > narrow_purity + 0.1, (purity, narrow_purity)
+    assert mse[0] < metrics.mse(test, plain_first) - 0.3
+
+
+def _two_seeds(architecture: str, data, n_steps: int, **fields) -> list[torch.Tensor]:
+    d, m = data.dictionary.shape[1], data.dictionary.shape[0]
+    cfg = SAEConfig(architecture=architecture, d_in=d, d_sae=m, k=3, **fields)
+    return [train_sae(cfg, data.activations, _recipe(n_steps, seed=seed)).sae.W_dec[0].detach() for seed in (0, 1)]
+
+
+def test_ordered_sae_recovers_an_order_where_topk_does_not():
+    """32 planted features of Zipf(1.2) frequency in d = 32 (3 active on average), m = 32, k = 3, 250 steps, seeds 0/1.
+
+    Measured: orderedness between the two seeds 0.39 for the ordered SAE, 0.03 for TopK; against the planted
+    (frequency) order 0.52 and 0.53 for the ordered SAE, 0.07 and −0.16 for TopK. Not the "near 1" of the issue:
+    the ordering the nested loss prefers is set early (which latent a feature lands on depends on the init), and
+    the paper's extra training devices (k warm-up, unit sweeping) are not implemented (README, Ordered SAEs).
+    """
+    data = make_sparse_dictionary_data(n_features=32, d=32, n_samples=16_384, mean_active=3, seed=0, frequency_exponent=1.2,
+                                       offset_scale=0.0)
+    ordered, topk = _two_seeds("ordered", data, 250), _two_seeds("topk", data, 250)
+    ord_ordered, ord_topk = orderedness(*ordered), orderedness(*topk)
+    to_truth = [orderedness(data.dictionary, W) for W in ordered]
+    topk_to_truth = [orderedness(data.dictionary, W) for W in topk]
+    print("orderedness across seeds", ord_ordered, ord_topk, "to the planted order", to_truth, topk_to_truth)
+    assert ord_ordered > 0.3 and abs(ord_topk) < 0.2
+    assert min(to_truth) > 0.4 and max(abs(v) for v in topk_to_truth) < 0.25
+
+
+@pytest.mark.slow
+def test_ordered_sae_on_the_osae_toy():
+    """The OSAE paper's toy, (d, K, m) = (80, 100, 5) with a Zipf(1.2) support prior and 100k samples, 3000 steps.
+
+    Measured (about 4 minutes): orderedness between seeds 0.50 (TopK 0.01); to the planted order 0.62 and 0.54
+    (TopK −0.05, −0.10; the paper reports 0.734 with unit sweeping); prefix stability at p = 4: 0.69 (TopK 0.19);
+    matched stability over all 100 latents 0.89 (TopK 0.88).
+    """
+    data = make_sparse_dictionary_data(n_features=100, d=80, n_samples=100_000, mean_active=5, seed=0, frequency_exponent=1.2,
+                                       offset_scale=0.0)
+    cfg = lambda arch: SAEConfig(architecture=arch, d_in=80, d_sae=100, k=5)  # noqa: E731
+    runs = {arch: [train_sae(cfg(arch), data.activations, _recipe(3000, seed=s, batch_size=512, lr=3e-3)).sae.W_dec[0].detach()
+                   for s in (0, 1)] for arch in ("ordered", "topk")}
+    assert orderedness(*runs["ordered"]) > 0.4 and abs(orderedness(*runs["topk"])) < 0.15
+    assert min(orderedness(data.dictionary, W) for W in runs["ordered"]) > 0.45
+    assert prefix_stability(*runs["ordered"], [4])[0] > prefix_stability(*runs["topk"], [4])[0] + 0.3
