@@ -21,7 +21,7 @@ from data_contracts.latents import write_latent_table
 from sae_core.monosemanticity import monosemanticity, minmax_normalise
 from tasks.config_latent import MonosemanticityConfig
 from tasks.latent_data import MONOSEMANTICITY_FILE, TEST_SPLIT, Models, first_tokens
-from tasks.progress import ProgressLog
+from tasks.progress import ProgressLog, run_logger
 
 CONTEXT_BEFORE = 8
 CONTEXT_AFTER = 2
@@ -87,7 +87,13 @@ def run_monosemanticity(run_dir: Path, models: Models, cfg: MonosemanticityConfi
                          "stage with a test split, or set interpret.analyses.monosemanticity.enabled: false")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(tokens.where), size=min(cfg.eval_contexts, len(tokens.where)), replace=False))
-    texts = context_texts(tokens.where, rows, load_tokenizer(model_name))
+    try:
+        tokenizer = load_tokenizer(model_name)
+    except (OSError, ValueError) as err:   # activations not from a loadable model (synthetic data): no text to embed
+        run_logger().info(f"interpret: monosemanticity skipped: the tokenizer of {model_name!r} cannot be loaded ({err}), "
+                          "so the contexts have no text to embed")
+        return []
+    texts = context_texts(tokens.where, rows, tokenizer)
     embeddings = sentence_embeddings(cfg.embedding_model, texts)
     x = tokens.acts[torch.as_tensor(rows)].float()
     models = [(m, e) for m, e in models if m.run == 0]

@@ -65,6 +65,9 @@ def run_steering(run_dir: Path, cfg: SteeringConfig, explanations: pd.DataFrame 
         run_logger().info(f"interpret: steering skipped: {manifest.model} is not a causal LM (an encoder cannot generate); "
                           "steering needs a decoder model, e.g. configs/smollm2-topk.yaml")
         return []
+    except (OSError, ValueError) as err:   # activations not from a loadable model (synthetic data)
+        run_logger().info(f"interpret: steering skipped: the analysed model {manifest.model!r} cannot be loaded ({err})")
+        return []
     model_dir = ModelDir(cfg.method, 0)
     if not has_ensemble(run_dir, model_dir):
         raise FileNotFoundError(f"steering uses {model_dir.relative}, which the train stage did not write; set "

@@ -330,6 +330,26 @@ def test_steering_skips_an_encoder_model_saying_why(tmp_path, caplog):
     assert "steering skipped" in caplog.text and "not a causal LM" in caplog.text
 
 
+def test_synthetic_activations_skip_the_analyses_that_need_the_model_saying_why(tmp_path, caplog):
+    from tasks.config_latent import LatentAnalysisConfig
+    from tasks.latent_analyses import run_latent_analyses
+
+    _write_tokens(tmp_path / "activations", "test", ["d"] * 3, [1, 2, 3], [5, 6, 7], np.ones((3, 4), dtype=np.float32),
+                  str(tmp_path / "no-such-model"))
+    from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging
+    from tasks.common import ModelDir
+
+    cfg, train = SAEConfig(architecture="topk", d_in=4, d_sae=8, k=1), TrainConfig(n_steps=2, batch_size=16, warmup_steps=0,
+                                                                                    b_dec_init_samples=16, log_every=2)
+    save_ensemble(train_bagging(cfg, torch.rand(32, 4), train, 1).ensemble, ModelDir("bagging", 0).path(tmp_path))
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "latents" / "steering.parquet").write_text("stale")
+    with caplog.at_level("INFO", logger="sae_ensembles"):
+        assert run_latent_analyses(tmp_path, LatentAnalysisConfig(), None, progress=False) == []
+    assert "monosemanticity skipped" in caplog.text and "steering skipped" in caplog.text and "cannot be loaded" in caplog.text
+    assert "cones and the sparse head skipped" in caplog.text and not (tmp_path / "latents" / "steering.parquet").exists()
+
+
 def test_explanations_and_best_explained_latents_are_read_robustly():
     from tasks.latent_sparse_head import explanation_lookup
     from tasks.latent_steering import best_explained, most_frequent
