@@ -81,9 +81,12 @@ class SteeringConfig(Strict):
 class LatentAnalysisConfig(Strict):
     """The latent analyses of the interpret stage (tasks.latent_analyses)."""
 
-    monosemanticity: MonosemanticityConfig = Field(default_factory=MonosemanticityConfig)
-    cones: ConesConfig = Field(default_factory=ConesConfig)
-    sparse_head: SparseHeadConfig = Field(default_factory=SparseHeadConfig)
-    steering: SteeringConfig = Field(default_factory=SteeringConfig)
+    monosemanticity: MonosemanticityConfig = Field(default_factory=MonosemanticityConfig,
+                                                   description="latents/monosemanticity.parquet: a score per latent, with baselines.")
+    cones: ConesConfig = Field(default_factory=ConesConfig, description="latents/cones.parquet: probe directions in decoder cones.")
+    sparse_head: SparseHeadConfig = Field(default_factory=SparseHeadConfig,
+                                          description="latents/sparse_head*.parquet: an L1 head on ensemble codes per concept.")
+    steering: SteeringConfig = Field(default_factory=SteeringConfig,
+                                     description="latents/steering.parquet: generations with latents added (decoder models).")
     seed: int = Field(default=0, description="Seed of random baselines, dictionaries and bootstrap resamples.")
     confidence: float = Field(default=0.95, gt=0, lt=1, description="Level of the confidence intervals.")
