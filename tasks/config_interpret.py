@@ -27,7 +27,9 @@ class LatentContextsConfig(Strict):
         "ones (held-out positives for detection and fuzzing).")
     negatives: int = Field(
         default=6, ge=0, description="Non-activating contexts per latent: seeded tokens whose whole context window has a zero code.")
-    max_tokens: int = Field(default=20_000, gt=0, description="The first this many test tokens (file order) are searched.")
+    max_tokens: int = Field(
+        default=10_000, gt=0, description="The first this many test tokens (file order) are searched (every member of every run-0 "
+        "model encodes them once).")
     seed: int = Field(default=0, description="Seed of the latent sample and of the random and negative contexts.")
 
 

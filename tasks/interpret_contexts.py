@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 
 from data_contracts.interpret_contexts import SCHEMA, write_latent_contexts
+from sae_core.ensemble import Ensemble
 from sae_core.io import ENSEMBLE_FILE, load_ensemble
 from tasks.common import ACTIVATIONS_DIR, MANIFEST_FILE, METRICS_DIR, ModelDir, discover_models
 from tasks.config_interpret import LatentContextsConfig
-from tasks.top_contexts import CONTEXTS_SPLIT, TOKENS_AFTER, TOKENS_BEFORE, _first_tokens, _token_text, latent_frequency, selected_codes
+from tasks.top_contexts import CONTEXTS_SPLIT, ENCODE_BATCH, TOKENS_AFTER, TOKENS_BEFORE, _first_tokens, _token_text
 
 LATENT_CONTEXTS_FILE = f"{METRICS_DIR}/latent_contexts.parquet"
 CONTEXTS_RUN = 0
@@ -71,23 +72,50 @@ def _rng(seed: int, model: str, member: int, latent: int = -1) -> np.random.Gene
     return np.random.default_rng([seed, zlib.crc32(model.encode()), member, latent + 1])
 
 
+class SparseCodes:
+    """The non-zero codes of some members on N tokens, from one encoding pass (the slow twin:
+    :func:`tasks.top_contexts.latent_frequency` then :func:`~tasks.top_contexts.selected_codes`,
+    two passes and a dense [M, N, L] gather)."""
+
+    def __init__(self, ensemble: Ensemble, x: torch.Tensor, members: list[int]) -> None:
+        parts, start = [], 0
+        if ensemble.method != "boosting" and len(members) < ensemble.n_members:  # members read a alone: encode only these
+            chosen = type(ensemble.members).stack([ensemble.members.member(j) for j in members])
+            ensemble, members = Ensemble(chosen, "bagging"), list(range(len(members)))
+        with torch.inference_mode():
+            for xb in torch.split(x, ENCODE_BATCH):
+                codes = ensemble.member_codes(xb)[members]                               # [M, B, d_sae]
+                m, t, latent = codes.nonzero(as_tuple=True)
+                parts.append((m, t + start, latent, codes[m, t, latent]))
+                start += xb.shape[0]
+        self.member, self.token, self.latent, self.value = (torch.cat(p).numpy() for p in zip(*parts))
+        self.n_tokens, self.n_members, self.d_sae = x.shape[0], len(members), ensemble.member_cfg.d_sae
+
+    def frequency(self) -> np.ndarray:
+        """[M, d_sae]: fraction of the tokens on which each latent fires (float64)."""
+        counts = np.bincount(self.member * self.d_sae + self.latent, minlength=self.n_members * self.d_sae)
+        return counts.reshape(self.n_members, self.d_sae) / self.n_tokens
+
+    def dense(self, m: int, latent: int) -> np.ndarray:
+        """[N]: the codes of one latent of the m-th member (float64)."""
+        out = np.zeros(self.n_tokens)
+        keep = (self.member == m) & (self.latent == latent)
+        out[self.token[keep]] = self.value[keep]
+        return out
+
+
 def model_contexts(model: ModelDir, ensemble, x: torch.Tensor, tokens: pd.DataFrame, rows: np.ndarray, valid: np.ndarray,
                    pieces: list[str], cfg: LatentContextsConfig) -> list[dict]:
     """The table's rows of one model (its first and last member) on the sorted tokens x [N, d]."""
     members = sorted({0, ensemble.n_members - 1})
-    with torch.inference_mode():
-        frequency = latent_frequency(ensemble, x, members).numpy()                      # [M, d_sae]
-        chosen = [stratified_latents(frequency[m], cfg.latents_per_member, _rng(cfg.seed, model.relative, j))
-                  for m, j in enumerate(members)]
-        width = max(len(c) for c in chosen)
-        if width == 0:
-            return []
-        latents = torch.tensor([[lat for lat, _ in c] + [0] * (width - len(c)) for c in chosen])
-        codes = selected_codes(ensemble, x, members, latents).double().numpy()           # [M, N, L]
+    sparse = SparseCodes(ensemble, x, members)
+    frequency = sparse.frequency()                                                      # [M, d_sae]
+    chosen = [stratified_latents(frequency[m], cfg.latents_per_member, _rng(cfg.seed, model.relative, j))
+              for m, j in enumerate(members)]
     out = []
     for m, j in enumerate(members):
-        for col, (latent, b) in enumerate(chosen[m]):
-            c = codes[m, :, col]
+        for latent, b in chosen[m]:
+            c = sparse.dense(m, latent)
             for kind, rank, i in latent_rows(c, rows, valid, cfg, _rng(cfg.seed, model.relative, j, latent)):
                 window = rows[i][valid[i]]
                 out.append({"model": model.relative, "method": model.method, "member": j, "latent": latent,

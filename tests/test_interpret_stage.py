@@ -51,6 +51,49 @@ def test_windows_stay_in_their_document_and_negatives_have_quiet_windows():
     assert sorted(by_kind["negative"]) == quiet == [0, 12, 13, 14, 15, 16, 17]  # 6 before and 2 after hold no firing token
 
 
+def test_latent_contexts_of_a_run_and_one_pass_sparse_codes_equal_the_two_pass_twin(tmp_path):
+    import torch
+
+    from sae_core.config import SAEConfig
+    from sae_core.ensemble import Ensemble
+    from sae_core.io import save_ensemble
+    from sae_core.training.trainer import build_sae
+    from synthetic_shards import write_synthetic_activations
+    from tasks.common import split_tokens
+    from tasks.interpret_contexts import SparseCodes, write_latent_contexts_table
+    from tasks.top_contexts import latent_frequency, selected_codes
+
+    write_synthetic_activations(tmp_path / "activations", {"test": 600}, d=16, n_features=32, rows_per_shard=300, documents_per_shard=10)
+    x = split_tokens(tmp_path / "activations", "test", None, 0)
+    torch.manual_seed(0)
+    for method, J in (("bagging", 3), ("boosting", 3), ("single", 1)):
+        sae = build_sae(SAEConfig(d_in=16, d_sae=24, architecture="topk", k=3), J)
+        sae.initialize([torch.Generator().manual_seed(10 * J + j) for j in range(J)])
+        ensemble = Ensemble(sae, method).eval()
+        save_ensemble(ensemble, tmp_path / "models" / method / "run=0")
+        members = sorted({0, J - 1})
+        sparse = SparseCodes(ensemble, x, members)
+        with torch.inference_mode():
+            np.testing.assert_allclose(sparse.frequency(), latent_frequency(ensemble, x, members).numpy())
+            assert (sparse.frequency().sum(1) > 1).all()  # up to k = 3 latents fire per token: the codes are not all 0
+            latents = torch.tensor([[0, 5, 23]] * len(members))
+            dense = selected_codes(ensemble, x, members, latents).numpy()
+        for m in range(len(members)):
+            for col, latent in enumerate(latents[m].tolist()):
+                np.testing.assert_allclose(sparse.dense(m, latent), dense[m, :, col], rtol=1e-6)
+    rel = write_latent_contexts_table(tmp_path, "synthetic", LatentContextsConfig(latents_per_member=3, top=4, random=3, negatives=3))
+    frame = validate(tmp_path / rel)
+    per_member = frame.drop_duplicates(["model", "member", "latent"]).groupby(["model", "member"])["frequency_bin"].apply(sorted)
+    assert per_member.to_dict() == {("models/bagging/run=0", 0): [0, 1, 2], ("models/bagging/run=0", 2): [0, 1, 2],
+                                    ("models/boosting/run=0", 0): [0, 1, 2], ("models/boosting/run=0", 2): [0, 1, 2],
+                                    ("models/single/run=0", 0): [0, 1, 2]}
+    counts = frame.groupby(["model", "member", "latent", "frequency"])["kind"].value_counts().unstack(fill_value=0).reset_index()
+    firing = (counts["frequency"] * 600).round().astype(int)  # a rare latent has fewer contexts than asked for
+    assert (counts["top"] == np.minimum(4, firing)).all() and (counts["random"] == np.minimum(3, firing - counts["top"])).all()
+    assert (counts["negative"] == 3).all() and (counts["random"] < 3).any()
+    assert frame["pieces"].iloc[0][0].startswith("#")  # no tokenizer for this model: token ids shown
+
+
 def test_latent_contexts_contract_rejects_an_activating_negative_and_a_bad_window():
     frame = read_latent_contexts(CONTEXTS)
     assert set(frame["kind"]) == {"top", "random", "negative"}
