@@ -372,3 +372,42 @@ def test_ordered_sae_on_the_osae_toy():
     assert orderedness(*runs["ordered"]) > 0.4 and abs(orderedness(*runs["topk"])) < 0.15
     assert min(orderedness(data.dictionary, W) for W in runs["ordered"]) > 0.45
     assert prefix_stability(*runs["ordered"], [4])[0] > prefix_stability(*runs["topk"], [4])[0] + 0.3
+
+
+def _train_stage(tmp_path):
+    from tasks.config import TrainStageConfig
+    from tasks.train import run_training
+    from tests.synthetic_shards import write_synthetic_activations
+
+    write_synthetic_activations(tmp_path / "activations", {"train": 1024, "test": 512}, d=16, n_features=48, rows_per_shard=512)
+    stage = TrainStageConfig(architecture="matryoshka", d_sae=16, k=2, n_members=2, n_runs=2, expanded_sizes=[2],
+                             methods=["single", "bagging", "boosting", "expanded"],
+                             architecture_options={"prefix_fractions": [0.25, 1.0], "matryoshka_code": "topk"},
+                             recipe=TrainConfig(n_steps=10, batch_size=64, lr=3e-3))
+    run_training(stage, tmp_path, progress=False)
+
+
+def test_train_stage_trains_nested_members_with_the_stage_options(tmp_path):
+    """single, bagging, boosting and expanded models of matryoshka members (options from the stage config); the
+    expanded SAE's prefixes scale with its width."""
+    from sae_core.io import load_ensemble
+
+    _train_stage(tmp_path)
+    wide = load_ensemble(tmp_path / "models/expanded_J2/run=1")
+    assert (wide.member_cfg.d_sae, wide.member_cfg.k, wide.members.prefix_sizes) == (32, 4, [8, 32])
+    boost = load_ensemble(tmp_path / "models/boosting/run=0")
+    assert boost.member_cfg.matryoshka_code == "topk" and boost.members.prefix_sizes == [4, 16]
+
+
+@pytest.mark.slow
+def test_evaluate_stage_reports_orderedness_for_every_model(tmp_path):
+    """About 30 s here (the stage draws its figures): orderedness for every (method, J) with S = 2 runs."""
+    from tasks.config import EvaluateConfig
+    from tasks.evaluate import run_evaluation
+
+    _train_stage(tmp_path)
+    result = run_evaluation(EvaluateConfig(latents_per_member=0, ce_loss=False), tmp_path, progress=False)
+    summary = result.tables["intrinsic_summary"]
+    ordered = summary[summary["metric"] == "orderedness"]
+    assert set(zip(ordered["method"], ordered["n_members"])) == {("single", 1), ("bagging", 1), ("bagging", 2),
+                                                                   ("boosting", 1), ("boosting", 2), ("expanded", 2)}
