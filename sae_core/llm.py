@@ -26,6 +26,7 @@ from typing import Protocol
 
 YES, NO = ("yes",), ("no",)
 JUDGE_TOKENS = 1  # a judgement reads the first answer token
+JUDGE_BATCH = 8   # judgements per forward pass of a local model
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ class LLM(Protocol):
     def generate(self, prompt: str, max_new_tokens: int) -> Answer: ...
 
     def judge(self, prompt: str) -> Answer: ...
+
+
+def judge_all(llm: LLM, prompts: list[str]) -> list[Answer]:
+    """Every prompt judged: in batches when the backend has ``judge_many``, else one by one."""
+    many = getattr(llm, "judge_many", None)
+    return many(prompts) if many is not None and prompts else [llm.judge(p) for p in prompts]
 
 
 def prompt_key(kind: str, prompt: str, max_new_tokens: int) -> str:
@@ -115,14 +122,39 @@ class LocalLLM:
                                       pad_token_id=pad)
         return Answer(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
 
+    def _answer(self, logits) -> Answer:
+        import torch
+
+        logits = logits.double()
+        p_yes = float(torch.sigmoid(torch.logsumexp(logits[self._yes], 0) - torch.logsumexp(logits[self._no], 0)))
+        return Answer("Yes" if p_yes >= 0.5 else "No", p_yes)
+
     def judge(self, prompt: str) -> Answer:
         import torch
 
         with torch.inference_mode():
-            logits = self.model(self._ids(prompt)).logits[0, -1].double()
-        yes, no = torch.logsumexp(logits[self._yes], 0), torch.logsumexp(logits[self._no], 0)
-        p_yes = float(torch.sigmoid(yes - no))
-        return Answer("Yes" if p_yes >= 0.5 else "No", p_yes)
+            return self._answer(self.model(self._ids(prompt)).logits[0, -1])
+
+    def judge_many(self, prompts: list[str], batch_size: int = JUDGE_BATCH) -> list[Answer]:
+        """:meth:`judge` of each prompt, ``batch_size`` prompts per forward pass: left-padded,
+        masked, positions counted from each prompt's first token (equal to one at a time up to
+        float rounding, tested)."""
+        import torch
+
+        answers = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        for start in range(0, len(prompts), batch_size):
+            ids = [self._ids(p)[0] for p in prompts[start: start + batch_size]]
+            width = max(len(i) for i in ids)
+            batch = torch.full((len(ids), width), pad, dtype=torch.long, device=self.device)
+            mask = torch.zeros_like(batch)
+            for row, i in enumerate(ids):
+                batch[row, width - len(i):], mask[row, width - len(i):] = i, 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(batch, attention_mask=mask, position_ids=positions).logits[:, -1]
+            answers += [self._answer(row) for row in logits]
+        return answers
 
 
 class OpenAICompatibleLLM:

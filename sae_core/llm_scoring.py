@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sae_core.llm import JUDGE_TOKENS, LLM, Answer
+from sae_core.llm import JUDGE_TOKENS, LLM, Answer, judge_all
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 MAX_EXPLANATION_CHARS = 200
@@ -111,9 +111,10 @@ def explain(llm: LLM, snippets: Sequence[Snippet], max_new_tokens: int) -> tuple
     return parse_explanation(answer.text), [Call("explain", 0, "generate", max_new_tokens, prompt, answer.text)]
 
 
-def _judge(llm: LLM, step: str, item: int, prompt: str, truth: bool) -> Call:
-    answer = llm.judge(prompt)
-    return Call(step, item, "judge", JUDGE_TOKENS, prompt, answer.text, answer.p_yes, truth)
+def _judge(llm: LLM, step: str, items: list[tuple[int, str, bool]]) -> list[Call]:
+    """Judge (item, prompt, truth) triples (batched where the backend can)."""
+    answers = judge_all(llm, [prompt for _, prompt, _ in items])
+    return [Call(step, i, "judge", JUDGE_TOKENS, prompt, a.text, a.p_yes, truth) for (i, prompt, truth), a in zip(items, answers)]
 
 
 def detect(llm: LLM, explanation: str, positives: Sequence[Snippet], negatives: Sequence[Snippet],
@@ -121,7 +122,7 @@ def detect(llm: LLM, explanation: str, positives: Sequence[Snippet], negatives: 
     """Judge each held-out context alone, in a seeded order; truth: whether it activates."""
     items = [(s, True) for s in positives] + [(s, False) for s in negatives]
     order = rng.permutation(len(items))
-    return [_judge(llm, "detect", n, detection_prompt(explanation, items[i][0]), items[i][1]) for n, i in enumerate(order)]
+    return _judge(llm, "detect", [(n, detection_prompt(explanation, items[i][0]), items[i][1]) for n, i in enumerate(order)])
 
 
 def fuzz_marks(snippet: Snippet, wrong: bool, rng: np.random.Generator) -> set[int]:
@@ -138,13 +139,13 @@ def fuzz(llm: LLM, explanation: str, snippets: Sequence[Snippet], rng: np.random
     """Judge each activating context with marks; a seeded half (rounded down) carries wrong marks."""
     wrong = np.zeros(len(snippets), dtype=bool)
     wrong[rng.permutation(len(snippets))[: len(snippets) // 2]] = True
-    calls = []
+    items = []
     for i, (snippet, bad) in enumerate(zip(snippets, wrong)):
         marks = fuzz_marks(snippet, bool(bad), rng)
         if bad and (not marks or marks == snippet.firing()):
             continue  # no token is quiet: no wrong marking exists
-        calls.append(_judge(llm, "fuzz", i, fuzzing_prompt(explanation, snippet, marks), not bad))
-    return calls
+        items.append((i, fuzzing_prompt(explanation, snippet, marks), not bad))
+    return _judge(llm, "fuzz", items)
 
 
 def balanced_accuracy(truth: Sequence[bool], predicted: Sequence[bool]) -> float:

@@ -157,3 +157,37 @@ def test_openai_compatible_backend_reads_logprobs_and_falls_back_to_text(monkeyp
             OpenAICompatibleLLM("http://127.0.0.1:9/v1", "m", timeout_s=2).generate("x", 4)
     finally:
         server.shutdown()
+
+
+def _tiny_chat_model(directory: Path) -> Path:
+    """A random two-layer Llama with a word-level tokenizer that knows yes/no and a chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tests.tiny_models import TEXTS
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TEXTS + ["yes no Yes No"], trainers.WordLevelTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}<s>"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                 intermediate_size=64, max_position_embeddings=256, bos_token_id=2, eos_token_id=3,
+                                 pad_token_id=0)).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def test_local_llm_batched_judgements_equal_one_at_a_time(tmp_path):
+    from sae_core.llm import LocalLLM
+
+    llm = LocalLLM(str(_tiny_chat_model(tmp_path)))
+    prompts = ["the bank rose", "the striker scored twice and the team won the cup", "yes", "the film won an award and the actor thanked the director"]
+    batched = llm.judge_many(prompts, batch_size=3)  # a batch of 3 with left padding, then one of 1
+    for prompt, answer in zip(prompts, batched):
+        alone = llm.judge(prompt)
+        assert answer.p_yes == pytest.approx(alone.p_yes, abs=1e-6) and answer.text == alone.text
+    assert len({round(a.p_yes, 6) for a in batched}) == len(prompts)  # the prompts matter
+    assert llm.generate("the bank", 4) == llm.generate("the bank", 4)  # greedy
