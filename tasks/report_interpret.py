@@ -52,7 +52,8 @@ def best_explained(explanations: pd.DataFrame, method: str, n: int = BEST_SHOWN)
                                                               na_position="last").head(n)
         columns[f"member {member} ({label}) latent"] = [f"{lat} (f = {format_cell(f)})" for lat, f in zip(ranked["latent"], ranked["frequency"])]
         columns[f"member {member} explanation"] = list(ranked["explanation"])
-        columns[f"member {member} detection"] = list(ranked["detection_accuracy"])
+        columns[f"member {member} detection (AUROC)"] = [f"{format_cell(acc)} ({format_cell(auc)})" for acc, auc
+                                                        in zip(ranked["detection_accuracy"], ranked["detection_auroc"])]
     depth = max(len(v) for v in columns.values())
     return pd.DataFrame({k: v + [""] * (depth - len(v)) for k, v in columns.items()})
 

@@ -62,7 +62,7 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "train": ((MANIFEST_FILE, "extract"),),
     "evaluate": ((MANIFEST_FILE, "extract"), (MODELS_DIR, "train")),
     "downstream": ((DOCUMENTS_FILE, "extract"), (MANIFEST_FILE, "extract"), (MODELS_DIR, "train")),
-    "interpret": ((MANIFEST_FILE, "extract"), (MODELS_DIR, "train")),  # and evaluate's latent contexts (checked by the stage)
+    "interpret": ((MANIFEST_FILE, "extract"), (MODELS_DIR, "train"), (f"{METRICS_DIR}/summary.parquet", "evaluate")),
     "report": (),  # the report says which artifact is missing and which stage makes it
 }
 

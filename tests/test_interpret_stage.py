@@ -151,8 +151,13 @@ def test_interpret_stage_replays_a_recorded_smollm2_transcript_and_scores_from_i
 def test_interpret_stage_off_writes_no_explanations_and_a_missing_recording_is_named(tmp_path):
     from sae_core.llm import MissingRecording
 
+    from tasks.interpret import run_interpret
+
     result = _run_recorded(tmp_path / "off", latents_per_member=0)
     assert not (tmp_path / "off" / "interpret").exists() and "no explanations" in result.notes[0]
+    (tmp_path / "none").mkdir()  # evaluate described no latent: noted, nothing explained
+    result = run_interpret(record_config("recorded", str(TRANSCRIPT)), tmp_path / "none", progress=False)
+    assert result.written == [] and "latent_contexts.parquet was not written by the evaluate stage" in result.notes[0]
     with pytest.raises(MissingRecording, match="is not in the recorded transcript"):
         _run_recorded(tmp_path / "more", explain_contexts=4)  # another prompt than the recorded one
 
