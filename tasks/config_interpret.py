@@ -87,3 +87,12 @@ class InterpretConfig(Strict):
     seed: int = Field(default=0, description="Seed of the fuzzing marks and the context order.")
     llm: LLMConfig = Field(default_factory=LLMConfig)
     analyses: LatentAnalysisConfig = Field(default_factory=LatentAnalysisConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "InterpretConfig":
+        from sae_core.methods import METHOD_NAMES
+
+        unknown = sorted(set(self.methods or ()) - set(METHOD_NAMES))
+        if unknown:
+            raise ValueError(f"interpret.methods: unknown method(s) {unknown}; choose from {', '.join(METHOD_NAMES)}")
+        return self

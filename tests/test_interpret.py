@@ -191,3 +191,14 @@ def test_local_llm_batched_judgements_equal_one_at_a_time(tmp_path):
         assert answer.p_yes == pytest.approx(alone.p_yes, abs=1e-6) and answer.text == alone.text
     assert len({round(a.p_yes, 6) for a in batched}) == len(prompts)  # the prompts matter
     assert llm.generate("the bank", 4) == llm.generate("the bank", 4)  # greedy
+
+
+def test_interpret_config_errors_name_the_key():
+    from pydantic import ValidationError
+
+    from tasks.config_interpret import InterpretConfig
+
+    for bad, says in (({"methods": ["bagging", "bogus"]}, "unknown method"), ({"llm": {"backend": "openai"}}, "needs interpret.llm.base_url"),
+                      ({"llm": {"backend": "recorded"}}, "needs interpret.llm.transcript"), ({"refine_rounds": 9}, "refine_rounds")):
+        with pytest.raises(ValidationError, match=says):
+            InterpretConfig(**bad)
