@@ -37,7 +37,8 @@ def main() -> int:
     parser.add_argument("--run-dir", default="runs/bench/sweep")
     parser.add_argument("--json", default=None)
     parser.add_argument("--size", type=int, default=8, help="grid points = population members")
-    parser.add_argument("--steps", type=int, default=400, help="training steps per SAE")
+    parser.add_argument("--steps", type=int, default=320, help="training steps per SAE")
+    parser.add_argument("--d-sae", type=int, default=512, help="latents of every SAE (BatchTopK, k = 32)")
     parser.add_argument("--rounds", type=int, default=8, help="population evaluation rounds")
     parser.add_argument("--lr-low", type=float, default=1e-4)
     parser.add_argument("--lr-high", type=float, default=3e-2)
@@ -58,7 +59,7 @@ def main() -> int:
     from tasks.sweep_population import BEST_MODEL_DIR
 
     base = load_pipeline_config(ROOT / "configs" / "smoke.yaml")
-    fixed = {"train.architecture": ["batchtopk"], "train.d_sae": [768], "train.k": [32], "train.recipe.n_steps": [args.steps]}
+    fixed = {"train.architecture": ["batchtopk"], "train.d_sae": [args.d_sae], "train.k": [32], "train.recipe.n_steps": [args.steps]}
     lrs = [math.exp(math.log(args.lr_low) + i * (math.log(args.lr_high) - math.log(args.lr_low)) / (args.size - 1)) for i in range(args.size)]
     grid = SweepConfig(base=base, grid={**fixed, "train.recipe.lr": lrs}, seeds=[0])
     population = SweepConfig(base=base, mode="population", grid={k: v for k, v in fixed.items() if k != "train.recipe.n_steps"},

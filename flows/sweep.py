@@ -25,7 +25,7 @@ from flows.orchestration import unit_executor
 from flows.stages import default_run_dir, extract_flow, open_store
 from tasks.config_sweep import SweepConfig
 from tasks.report_sweep import SUMMARY_FILE, write_sweep_report
-from tasks.sweep import RESULTS_FILE, SWEEP_DIR, add_stability, choose, grid_units, result_row, write_best, write_json_atomic
+from tasks.sweep import RESULTS_FILE, SWEEP_DIR, add_stability, choose, grid_units, point_means, result_row, write_best, write_json_atomic
 from tasks.progress import ProgressLog
 from tasks.units import executor_or_default
 
@@ -114,7 +114,7 @@ def sweep_flow(config: SweepConfig | None = None, config_file: str | None = None
         frame = add_stability(pd.DataFrame(rows), local)
         write_results(frame, local / RESULTS_FILE)
         point, why, guide = choose(frame, config)
-        chosen = frame[frame["point"] == point].sort_values("round").iloc[-1]
+        chosen = point_means(frame).set_index("point").loc[point]  # its seeds averaged (population: its last round)
         params = json.loads(chosen["params"])
         write_best(local, base, params, why)
         summary = {"point": point, "params": params, "values": ", ".join(f"{k}={v}" for k, v in params.items()) or "the base recipe",

@@ -37,6 +37,12 @@ def pareto_front(l0: list[float], ev: list[float]) -> list[int]:
     return sorted(front, key=lambda i: l0[i])
 
 
+def _l0_scale(means: pd.DataFrame) -> str:
+    """log when the L0s span more than a factor of 10 (k doubling from point to point), else linear."""
+    low = means["l0"][means["l0"] > 0]
+    return "log" if len(low) and low.max() > 10 * low.min() else "linear"
+
+
 def sweep_figures(means: pd.DataFrame, summary: dict, directory: Path) -> list[Path]:
     """figures: EV vs L0 (Pareto front joined, the chosen point ringed) and c_dec vs L0 (the guide's L0 marked)."""
     import matplotlib
@@ -51,7 +57,7 @@ def sweep_figures(means: pd.DataFrame, summary: dict, directory: Path) -> list[P
     front = pareto_front(means["l0"].tolist(), means["explained_variance"].tolist())
     ax.plot(means["l0"].iloc[front], means["explained_variance"].iloc[front], color="tab:blue", alpha=0.6, label="Pareto front")
     ax.scatter(chosen["l0"], chosen["explained_variance"], s=90, facecolors="none", edgecolors="tab:red", label="chosen")
-    ax.set(xlabel="L0 (validation)", ylabel="explained variance (validation)", title="EV vs L0")
+    ax.set(xlabel="L0 (validation)", ylabel="explained variance (validation)", title="EV vs L0", xscale=_l0_scale(means))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     out.append(save_figure(fig, directory / FIGURE_FILES[0]))
@@ -61,16 +67,23 @@ def sweep_figures(means: pd.DataFrame, summary: dict, directory: Path) -> list[P
     if summary.get("guide_l0") is not None:
         ax.axvline(summary["guide_l0"], color="tab:red", ls="--", lw=1, label=f"guide: L0 = {summary['guide_l0']:.3g} ({summary['guide_rule']})")
         ax.legend(fontsize=7)
-    ax.set(xlabel="L0 (validation)", ylabel="c_dec (mean |cos| of decoder columns)", title="c_dec vs L0 (Sparse but Wrong)")
+    ax.set(xlabel="L0 (validation)", ylabel="c_dec (mean |cos| of decoder columns)", title="c_dec vs L0 (Sparse but Wrong)",
+           xscale=_l0_scale(means))
     ax.grid(alpha=0.3)
     out.append(save_figure(fig, directory / FIGURE_FILES[1]))
     return out
 
 
-def _table(means: pd.DataFrame) -> pd.DataFrame:
+def _table(means: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The points' table (the values that differ between points) and the values every point shares."""
     shown = means.copy()
-    shown["values"] = [", ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(p).items()) for p in shown["params"]]
-    return shown[["point", "values", "l0", "explained_variance", "mse", "dead_fraction", "c_dec", "stability", "score", "tokens"]]
+    params = [json.loads(p) for p in shown["params"]]
+    varying = [k for k in params[0] if len({json.dumps(p.get(k)) for p in params}) > 1]
+    shown["values"] = [", ".join(f"{k.split('.')[-1]}={p[k]:.4g}" if isinstance(p[k], float) else f"{k.split('.')[-1]}={p[k]}"
+                                 for k in varying) for p in params]
+    shown["tokens"] = shown["tokens"].astype("int64")
+    columns = ["point", "values", "l0", "explained_variance", "mse", "dead_fraction", "c_dec", "stability", "score", "tokens"]
+    return shown[columns].round(5), {k: v for k, v in params[0].items() if k not in varying}
 
 
 def sweep_blocks(run_dir: Path, level: int = 2, draw: bool = False) -> list[Block]:
@@ -100,7 +113,10 @@ def sweep_blocks(run_dir: Path, level: int = 2, draw: bool = False) -> list[Bloc
         figures = sweep_figures(means, summary, run_dir / FIGURES) if draw else [run_dir / FIGURES / n for n in FIGURE_FILES]
         captions = ("EV vs L0 on the validation split, Pareto front, chosen point", "c_dec vs L0 with the L0 the guide picks")
         blocks += [Image(path, caption) for path, caption in zip(figures, captions) if path.is_file()]
-    blocks.append(Table(_table(means).round(5), name="sweep_points"))
+    table, shared = _table(means)
+    if shared:
+        blocks.append(Paragraph("every point: " + ", ".join(f"`{k}` = {v}" for k, v in shared.items())))
+    blocks.append(Table(table, name="sweep_points"))
     return blocks
 
 
