@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale bench-scaleout gpu-check clean
+.PHONY: install run ui-check test bench bench-pipeline bench-peers bench-scale bench-scaleout bench-sweep gpu-check clean
 
 # The installer is uv (pinned; about 20x faster than pip here: the venv in ~15 s instead of
 # ~5 min), given the package sources pip is configured with (find-links, extra indexes: uv
@@ -90,6 +90,10 @@ bench-scale: $(STAMP)
 # speed-up the paper configs can expect from their units of work (~10 min; benchmarks/bench_scaleout.py)
 bench-scaleout: $(STAMP)
 	$(PY) benchmarks/bench_scaleout.py --json runs/bench/scaleout.json
+
+# Population-based training vs a grid over lr at equal compute on the smoke data (benchmarks/bench_sweep.py)
+bench-sweep: $(STAMP)
+	$(PY) benchmarks/bench_sweep.py --json runs/bench/sweep.json
 
 # On a machine with a CUDA GPU (never needed by `make test`): the device-parametrised tests
 # run there too, then the streamed/in-memory training throughput and the connectivity cost

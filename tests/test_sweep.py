@@ -211,8 +211,8 @@ def test_a_grid_sweep_trains_scores_and_chooses_and_a_rerun_reuses_its_points(pr
     from flows.sweep import sweep_flow
     from sae_core.evaluation import prefix_reconstruction_metrics
     from sae_core.io import load_ensemble
-    from tasks.config_sweep import SweepConfig
-    from tasks.sweep import point_dir, validation_source
+    from tasks.config_sweep import SweepConfig, point_train_config
+    from tasks.sweep import grid_point_unit, point_dir, validation_source
 
     base, where = tiny_base
     run = where / "run"
@@ -234,10 +234,12 @@ def test_a_grid_sweep_trains_scores_and_chooses_and_a_rerun_reuses_its_points(pr
     assert best.extract == base.extract
     report = (run / "sweep" / "report.md").read_text()
     assert "c_dec vs L0" in report and "figures/c_dec_vs_l0.png" in report and (run / "sweep" / "figures" / "ev_vs_l0.png").is_file()
-    # a rerun reuses every point: no SAE is written again
+    # a rerun reuses a finished point: nothing is trained or written again, the scores are the saved ones
     stamp = (run / point_dir(0, 0) / "ensemble.json").stat().st_mtime_ns
-    sweep_flow(config=sweep, run_dir=str(run))
+    again = grid_point_unit(run, point_train_config(base.train, {"train.k": 2}, 0), 0, 0, "val", None)
     assert (run / point_dir(0, 0) / "ensemble.json").stat().st_mtime_ns == stamp
+    first = frame[(frame["point"] == 0) & (frame["seed"] == 0)].iloc[0]
+    assert again["explained_variance"] == first["explained_variance"] and again["c_dec"] == first["c_dec"]
 
 
 def test_a_population_sweep_exploits_explores_and_writes_a_runnable_best_config(prefect_harness, tiny_base):
@@ -280,3 +282,18 @@ def test_the_results_contract_names_a_bad_column():
         check_results(pd.DataFrame([row]), "sweep/results.parquet")
     row.update(c_dec=0.1)
     check_results(pd.DataFrame([row]), "sweep/results.parquet")  # stability may be null (one seed)
+
+
+@pytest.mark.slow  # worker processes start slowly here (~1 min); the units are the same functions the local runner calls
+def test_a_grid_sweep_on_a_process_pool_gives_the_local_runners_results(prefect_harness, tiny_base, tmp_path):
+    from data_contracts.sweep import read_results
+    from flows.sweep import sweep_flow
+    from tasks.config_sweep import SweepConfig
+
+    base, _ = tiny_base
+    frames = []
+    for runner in ("local", "process"):
+        config = base.model_copy(update={"orchestration": base.orchestration.model_copy(update={"runner": runner, "workers": 2})})
+        sweep_flow(config=SweepConfig(base=config, grid={"train.k": [2, 8]}, seeds=[0, 1]), run_dir=str(tmp_path / runner))
+        frames.append(read_results(tmp_path / runner / "sweep" / "results.parquet"))
+    pd.testing.assert_frame_equal(frames[0], frames[1])
