@@ -110,7 +110,8 @@ def sweep_flow(config: SweepConfig | None = None, config_file: str | None = None
         else:
             from tasks.sweep_population import run_population
 
-            rows, _, replacements = run_population(config, base, local, executor, report=log.info)
+            rows, _, replacements = run_population(config, base, local, executor, report=log.info,
+                                                   publish=store.push if store.remote else None)
         frame = add_stability(pd.DataFrame(rows), local)
         write_results(frame, local / RESULTS_FILE)
         point, why, guide = choose(frame, config)

@@ -80,9 +80,12 @@ def _ranges(sweep: SweepConfig) -> dict[str, Range]:
 
 
 def run_population(sweep: SweepConfig, base: PipelineConfig, run_dir: Path, executor: UnitExecutor,
-                   report=print) -> tuple[list[dict], list[dict[str, Any]], list[str]]:
+                   report=print, publish=None) -> tuple[list[dict], list[dict[str, Any]], list[str]]:
     """Every round of the population (resuming from state.json); returns the result rows, the
-    members' final values and a log of the replacements."""
+    members' final values and a log of the replacements.
+
+    publish: called with the run-dir paths the flow process rewrote (the adopted checkpoints,
+    state.json), so workers on an object-store run directory pull them (RunStore.push)."""
     pop = sweep.population
     run_dir = Path(run_dir)
     key = _state_key(sweep, base, run_dir)
@@ -97,7 +100,7 @@ def run_population(sweep: SweepConfig, base: PipelineConfig, run_dir: Path, exec
     rng = random.Random(pop.seed)
     if state["rng"] is not None:
         rng.setstate(_rng_state(state["rng"]))
-    _apply_pending(state, sweep, base, run_dir)
+    _apply_pending(state, sweep, base, run_dir, publish)
     for round_ in range(state["round"], pop.rounds):
         stop = (round_ + 1) * pop.interval
         trains = [member_train_config(sweep, base, state["params"][m], m) for m in range(pop.size)]
@@ -121,15 +124,16 @@ def run_population(sweep: SweepConfig, base: PipelineConfig, run_dir: Path, exec
                 state["params"][rep.loser] = rep.params
         state.update(round=round_ + 1, rows=state["rows"] + rows, pending=pending, rng=_rng_json(rng.getstate()))
         write_json_atomic(state_path, state)  # before the copies: a rerun redoes them (idempotent)
-        _apply_pending(state, sweep, base, run_dir)
+        _apply_pending(state, sweep, base, run_dir, publish)
     _save_best(state, sweep, base, run_dir)
     return state["rows"], state["params"], state["log"]
 
 
-def _apply_pending(state: dict, sweep: SweepConfig, base: PipelineConfig, run_dir: Path) -> None:
+def _apply_pending(state: dict, sweep: SweepConfig, base: PipelineConfig, run_dir: Path, publish=None) -> None:
     """Copy each pending winner's checkpoint to its loser, under the loser's new values."""
     if not state["pending"]:
         return
+    losers = [member_dir(loser) for loser, _ in state["pending"]]
     manifest, acts = train_source(base.train, run_dir, "cpu", validate=False)
     for loser, winner in state["pending"]:
         train = member_train_config(sweep, base, state["params"][loser], loser)
@@ -137,6 +141,8 @@ def _apply_pending(state: dict, sweep: SweepConfig, base: PipelineConfig, run_di
                          train.recipe.seed, acts)
     state["pending"] = []
     write_json_atomic(run_dir / STATE_FILE, state)
+    if publish is not None:
+        publish([*losers, STATE_FILE])
 
 
 def _save_best(state: dict, sweep: SweepConfig, base: PipelineConfig, run_dir: Path) -> None:
