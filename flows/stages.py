@@ -72,7 +72,7 @@ PUBLISHED: dict[str, tuple[str, ...]] = {
     "train": (MODELS_DIR,),
     "evaluate": (METRICS_DIR, FIGURES_DIR),
     "downstream": (DOWNSTREAM_DIR, FIGURES_DIR),
-    "interpret": ("interpret", FIGURES_DIR),
+    "interpret": ("interpret", "latents", FIGURES_DIR),
     "report": (REPORT_DIR,),
 }
 # (not hashes.json: its keys are this machine's file times)

@@ -51,7 +51,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "train": (f"{MODELS_DIR}/**/*",),
     "evaluate": (f"{METRICS_DIR}/**/*", f"{FIGURES_DIR}/intrinsic*"),
     "downstream": (f"{DOWNSTREAM_DIR}/**/*", f"{FIGURES_DIR}/probing*", f"{FIGURES_DIR}/scr*"),
-    "interpret": ("interpret/**/*",),
+    "interpret": ("interpret/**/*", "latents/**/*"),  # explanations; the latent analyses (tasks.latent_analyses)
     "report": (f"{REPORT_DIR}/**/*",),
 }
 
