@@ -47,10 +47,10 @@ PrefixDistribution = Annotated[Literal["uniform", "geometric", "groups"] | None,
     description="ordered: p_ND, the distribution of the prefix length l in 1..d_sae that weighs the prefix losses "
     "(the OSAE paper leaves its exact form open): uniform (1/d_sae each), geometric (p(l) ∝ exp(-l / (prefix_scale · "
     "d_sae)), truncated: nested dropout's choice) or groups (equal mass per group of prefix_fractions, uniform inside "
-    "a group: Matryoshka's groups with full support). Default uniform. Unused by other architectures.")]
+    "a group: Matryoshka's groups with full support). Default geometric. Unused by other architectures.")]
 PrefixScale = Annotated[float | None, Field(
     gt=0, description="ordered, prefix_distribution geometric: the decay length of p_ND as a fraction of d_sae "
-    "(required there, unused otherwise).")]
+    "(default 0.25; unused by the other distributions).")]
 ARCHITECTURE_FIELDS: tuple[str, ...] = ("prefix_fractions", "matryoshka_code", "prefix_distribution", "prefix_scale")
 
 
@@ -87,13 +87,17 @@ class SAEConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _architecture_defaults(cls, data: Any) -> Any:
-        """Fill in the defaults of the architecture's own fields (its ``config_fields``)."""
+        """Fill in the defaults of the architecture's own fields (its ``config_fields``), then those that
+        depend on other fields (its ``config_defaults(data)``, if it has one)."""
         if isinstance(data, dict) and isinstance(data.get("architecture"), str):
             try:
-                own = getattr(get_architecture(data["architecture"]), "config_fields", {})
+                arch = get_architecture(data["architecture"])
             except KeyError:
                 return data  # the architecture field's own validator names the problem
-            data = {**data, **{name: default for name, default in own.items() if data.get(name) is None}}
+            data = {**data, **{name: default for name, default in getattr(arch, "config_fields", {}).items() if data.get(name) is None}}
+            dependent = getattr(arch, "config_defaults", None)
+            if dependent is not None:
+                data = {**data, **{name: default for name, default in dependent(data).items() if data.get(name) is None}}
         return data
 
     @model_serializer(mode="wrap")

@@ -66,7 +66,7 @@ def test_prefix_reconstructions_equal_decoding_the_truncated_code():
 
 
 def test_ordered_loss_is_the_mean_over_prefix_lengths_hand_computed():
-    sae, a = _hand_sae("ordered")  # uniform p_ND: each of l = 1, 2, 3 has probability 1/3
+    sae, a = _hand_sae("ordered", prefix_distribution="uniform")  # each of l = 1, 2, 3 has probability 1/3
     out = sae.training_loss(a, _ctx())
     # token (2, 1), code (2, 1, 0): l=1 error 1, l=2 and l=3 error 0 → 1/3
     # token (0, 3), code (0, 3, 0): l=1 error 9, l=2 and l=3 error 0 → 3;  mean (1/3 + 3) / 2 = 5/3
@@ -76,7 +76,9 @@ def test_ordered_loss_is_the_mean_over_prefix_lengths_hand_computed():
 
 def test_prefix_length_distributions_hand_computed():
     cfg = lambda **kw: SAEConfig(architecture="ordered", d_in=2, d_sae=4, k=1, **kw)  # noqa: E731
-    torch.testing.assert_close(prefix_length_pmf(cfg()), torch.full((4,), 0.25, dtype=torch.float64))
+    assert (cfg().prefix_distribution, cfg().prefix_scale) == ("geometric", 0.25)  # the default
+    assert cfg(prefix_distribution="uniform").prefix_scale is None
+    torch.testing.assert_close(prefix_length_pmf(cfg(prefix_distribution="uniform")), torch.full((4,), 0.25, dtype=torch.float64))
     # geometric, scale 1/4 of m = 4: p(l) ∝ exp(-(l - 1)) = 1, e^-1, e^-2, e^-3
     w = torch.exp(-torch.arange(4, dtype=torch.float64))
     torch.testing.assert_close(prefix_length_pmf(cfg(prefix_distribution="geometric", prefix_scale=0.25)), w / w.sum())
@@ -166,8 +168,8 @@ def test_prefix_sizes_scale_with_the_width():
     ({"architecture": "matryoshka", "prefix_distribution": "uniform"}, "prefix_distribution is only meaningful for ordered"),
     ({"architecture": "matryoshka", "prefix_fractions": (0.5, 0.25, 1.0)}, "strictly increasing"),
     ({"architecture": "matryoshka", "prefix_fractions": (0.5, 0.9)}, "ending with 1.0"),
-    ({"architecture": "ordered", "prefix_distribution": "geometric"}, "prefix_scale is required by prefix_distribution 'geometric'"),
-    ({"architecture": "ordered", "prefix_scale": 0.1}, "prefix_scale is required by prefix_distribution 'geometric'"),
+    ({"architecture": "ordered", "prefix_distribution": "uniform", "prefix_scale": 0.1},
+     "prefix_scale belongs to prefix_distribution 'geometric', not 'uniform'"),
     ({"architecture": "ordered", "prefix_distribution": "groups"}, "prefix_fractions is required by prefix_distribution 'groups'"),
 ])
 def test_prefix_settings_errors_say_what_to_change(fields, message):
@@ -332,18 +334,23 @@ def test_matryoshka_prefixes_improve_with_length_and_the_first_is_purer_than_a_p
 
 
 def _two_seeds(architecture: str, data, n_steps: int, **fields) -> list[torch.Tensor]:
+    """Decoders of SAEs with seeds 0 and 1, trained side by side (each exactly as it would train alone)."""
+    from sae_core.training.ensembles import train_bagging
+
     d, m = data.dictionary.shape[1], data.dictionary.shape[0]
     cfg = SAEConfig(architecture=architecture, d_in=d, d_sae=m, k=3, **fields)
-    return [train_sae(cfg, data.activations, _recipe(n_steps, seed=seed)).sae.W_dec[0].detach() for seed in (0, 1)]
+    members = train_bagging(cfg, data.activations, _recipe(n_steps), 2).ensemble.members
+    return [members.W_dec[j].detach() for j in range(2)]
 
 
 def test_ordered_sae_recovers_an_order_where_topk_does_not():
     """32 planted features of Zipf(1.2) frequency in d = 32 (3 active on average), m = 32, k = 3, 250 steps, seeds 0/1.
 
-    Measured: orderedness between the two seeds 0.39 for the ordered SAE, 0.03 for TopK; against the planted
-    (frequency) order 0.52 and 0.53 for the ordered SAE, 0.07 and −0.16 for TopK. Not the "near 1" of the issue:
-    the ordering the nested loss prefers is set early (which latent a feature lands on depends on the init), and
-    the paper's extra training devices (k warm-up, unit sweeping) are not implemented (README, Ordered SAEs).
+    Measured (default p_ND, geometric with scale 0.25): orderedness between the two seeds 0.60 for the ordered
+    SAE, 0.03 for TopK; against the planted (frequency) order 0.64 and 0.63 for the ordered SAE, 0.07 and −0.16
+    for TopK (uniform p_ND: 0.39 between seeds, 0.52/0.53 to the planted order). Not the "near 1" of the issue:
+    which latent a feature lands on is largely settled early by the initialisation, and the paper's extra
+    training devices (k warm-up, unit sweeping) are not implemented (README, Ordered SAEs).
     """
     data = make_sparse_dictionary_data(n_features=32, d=32, n_samples=16_384, mean_active=3, seed=0, frequency_exponent=1.2,
                                        offset_scale=0.0)
@@ -352,17 +359,18 @@ def test_ordered_sae_recovers_an_order_where_topk_does_not():
     to_truth = [orderedness(data.dictionary, W) for W in ordered]
     topk_to_truth = [orderedness(data.dictionary, W) for W in topk]
     print("orderedness across seeds", ord_ordered, ord_topk, "to the planted order", to_truth, topk_to_truth)
-    assert ord_ordered > 0.3 and abs(ord_topk) < 0.2
-    assert min(to_truth) > 0.4 and max(abs(v) for v in topk_to_truth) < 0.25
+    assert ord_ordered > 0.45 and abs(ord_topk) < 0.2
+    assert min(to_truth) > 0.5 and max(abs(v) for v in topk_to_truth) < 0.25
 
 
 @pytest.mark.slow
 def test_ordered_sae_on_the_osae_toy():
     """The OSAE paper's toy, (d, K, m) = (80, 100, 5) with a Zipf(1.2) support prior and 100k samples, 3000 steps.
 
-    Measured (about 4 minutes): orderedness between seeds 0.50 (TopK 0.01); to the planted order 0.62 and 0.54
-    (TopK −0.05, −0.10; the paper reports 0.734 with unit sweeping); prefix stability at p = 4: 0.69 (TopK 0.19);
-    matched stability over all 100 latents 0.89 (TopK 0.88).
+    Measured (4 to 6 minutes here; default p_ND, geometric 0.25): orderedness between seeds 0.59 (TopK 0.01); to
+    the planted order 0.72 and 0.58 (TopK −0.05, −0.10; the paper reports 0.734 with unit sweeping); prefix
+    stability at p = 4: 0.51 (TopK 0.19); matched stability over all 100 latents 0.87 (TopK 0.88). With a uniform
+    p_ND: 0.50 between seeds, 0.62 and 0.54 to the planted order, prefix stability at 4 0.69, matched 0.89.
     """
     data = make_sparse_dictionary_data(n_features=100, d=80, n_samples=100_000, mean_active=5, seed=0, frequency_exponent=1.2,
                                        offset_scale=0.0)
@@ -371,7 +379,7 @@ def test_ordered_sae_on_the_osae_toy():
                    for s in (0, 1)] for arch in ("ordered", "topk")}
     assert orderedness(*runs["ordered"]) > 0.4 and abs(orderedness(*runs["topk"])) < 0.15
     assert min(orderedness(data.dictionary, W) for W in runs["ordered"]) > 0.45
-    assert prefix_stability(*runs["ordered"], [4])[0] > prefix_stability(*runs["topk"], [4])[0] + 0.3
+    assert prefix_stability(*runs["ordered"], [4])[0] > prefix_stability(*runs["topk"], [4])[0] + 0.2
 
 
 def _train_stage(tmp_path):

@@ -23,11 +23,12 @@ gradients included.
 
 **p_ND** (``SAEConfig.prefix_distribution``; the paper says its LLM runs used "the same
 piecewise distribution as the Matryoshka baselines" without giving it, so its exact form is
-unverified): ``uniform`` (1/m each; latent i's weight (m − i)/m falls linearly), ``geometric``
-(p(l) ∝ exp(−l / (s·m)), s = ``prefix_scale``, truncated to 1..m: nested dropout's choice), or
-``groups`` (mass 1/L on each group of ``prefix_fractions``, uniform inside: the Matryoshka
-groups with full support). Not implemented from the paper: warming k up from a larger value
-and the toy's "unit sweeping" (freezing converged low-index latents).
+unverified): ``geometric`` (default; p(l) ∝ exp(−l / (s·m)), s = ``prefix_scale``, default 0.25,
+truncated to 1..m: nested dropout's choice), ``uniform`` (1/m each; latent i's weight
+(m − i)/m falls linearly), or ``groups`` (mass 1/L on each group of ``prefix_fractions``,
+uniform inside: the Matryoshka groups with full support). Not implemented from the paper:
+warming k up from a larger value and the toy's "unit sweeping" (freezing converged low-index
+latents).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ from sae_core.registry import register_architecture
 from sae_core.saes.base import SAE, LossContext, LossOutput, at_least_fp32, squared_error
 from sae_core.saes.matryoshka import prefix_sizes
 from sae_core.saes.topk import auxk_loss, topk_codes
+
+
+#: geometric p_ND's decay length as a fraction of d_sae. On 32 planted Zipf-frequency features (4 seeds,
+#: tests/test_matryoshka_ordered.py's setting) it ordered best at equal reconstruction: orderedness between
+#: seeds 0.42 (uniform 0.33, geometric 0.1: 0.46 at a lower EV 0.75), EV 0.78 (uniform 0.78).
+DEFAULT_PREFIX_SCALE = 0.25
 
 
 def prefix_length_pmf(cfg: SAEConfig) -> Tensor:
@@ -113,15 +120,19 @@ class OrderedSAE(SAE):
     """TopK code, loss E_{l ~ p_ND} of the prefix reconstruction error over every l (module docstring)."""
 
     sparsity = "k"
-    config_fields: ClassVar[dict[str, object]] = {"prefix_distribution": "uniform", "prefix_scale": None, "prefix_fractions": None}
+    config_fields: ClassVar[dict[str, object]] = {"prefix_distribution": "geometric", "prefix_scale": None, "prefix_fractions": None}
+
+    @classmethod
+    def config_defaults(cls, data: dict) -> dict[str, object]:
+        """prefix_scale 0.25 when p_ND is geometric (the other distributions take none)."""
+        return {"prefix_scale": DEFAULT_PREFIX_SCALE} if data.get("prefix_distribution") == "geometric" else {}
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         """prefix_scale goes with geometric, prefix_fractions with groups (a ValueError says which is missing)."""
         dist = cfg.prefix_distribution
-        if (dist == "geometric") != (cfg.prefix_scale is not None):
-            raise ValueError(f"prefix_scale is required by prefix_distribution 'geometric' and unused otherwise; got "
-                             f"prefix_distribution {dist!r} with prefix_scale {cfg.prefix_scale}")
+        if dist != "geometric" and cfg.prefix_scale is not None:
+            raise ValueError(f"prefix_scale belongs to prefix_distribution 'geometric', not {dist!r}; remove prefix_scale")
         if (dist == "groups") != (cfg.prefix_fractions is not None):
             raise ValueError(f"prefix_fractions is required by prefix_distribution 'groups' and unused otherwise; got "
                              f"prefix_distribution {dist!r} with prefix_fractions {cfg.prefix_fractions}")
