@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from sae_core.llm import Answer, MissingRecording, OpenAICompatibleLLM, RecordedLLM, p_yes_from_logprobs, prompt_key
