@@ -27,6 +27,7 @@ from typing import Protocol
 YES, NO = ("yes",), ("no",)
 JUDGE_TOKENS = 1  # a judgement reads the first answer token
 JUDGE_BATCH = 8   # judgements per forward pass of a local model
+TURN = "\n<|next turn|>\n"  # separates chat turns inside one prompt string (see chat_messages)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,13 @@ class LLM(Protocol):
     def generate(self, prompt: str, max_new_tokens: int) -> Answer: ...
 
     def judge(self, prompt: str) -> Answer: ...
+
+
+def chat_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat turns of a prompt: its parts between TURN lines, user and assistant in turn
+    (a few-shot example is a user turn and the assistant's answer before the real question)."""
+    parts = prompt.split(TURN)
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": part} for i, part in enumerate(parts)]
 
 
 def judge_all(llm: LLM, prompts: list[str]) -> list[Answer]:
@@ -109,7 +117,7 @@ class LocalLLM:
         self._yes, self._no = spellings["yes"], spellings["no"]
 
     def _ids(self, prompt: str):
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
 
     def generate(self, prompt: str, max_new_tokens: int) -> Answer:
@@ -176,7 +184,7 @@ class OpenAICompatibleLLM:
             return json.loads(response.read())
 
     def _chat(self, prompt: str, max_tokens: int, logprobs: bool) -> dict:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+        body = {"model": self.model, "messages": chat_messages(prompt), "max_tokens": max_tokens, "temperature": 0}
         if logprobs:
             body |= {"logprobs": True, "top_logprobs": 5}
         try:

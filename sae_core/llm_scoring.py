@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sae_core.llm import JUDGE_TOKENS, LLM, Answer, judge_all
+from sae_core.llm import JUDGE_TOKENS, LLM, TURN, Answer, judge_all
 
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 MAX_EXPLANATION_CHARS = 200
@@ -75,10 +75,23 @@ def render(pieces: Sequence[str], marked: set[int] = frozenset()) -> str:
     return "".join(out).strip()
 
 
-def explanation_prompt(snippets: Sequence[Snippet]) -> str:
-    lines = "\n".join(f"{i}. {render(s.pieces, s.firing())}" for i, s in enumerate(snippets, start=1))
+#: a worked example shown before the question (one user turn and its answer): small chat models answer
+#: with a short phrase after it instead of restating the snippets (SmolLM2-135M: 'politics' for a latent
+#: on democrat/protesters/delegates, where the bare question gave 'despite')
+EXAMPLE_SNIPPETS = ("shares in the <<bank>> rose", "the <<market>> fell after the <<bank>> said", "<<investors>> sold <<stocks>>")
+EXAMPLE_ANSWER = "finance and markets"
+
+
+def _explanation_question(lines: str) -> str:
     return (f"Here are text snippets. In each, some words are wrapped in {MARK_OPEN} and {MARK_CLOSE}.\n\n{lines}\n\n"
             "Name the topic or kind of word that the wrapped words share, in at most five words.")
+
+
+def explanation_prompt(snippets: Sequence[Snippet]) -> str:
+    """The explainer's prompt: the worked example (two chat turns), then the latent's top contexts."""
+    example = "\n".join(f"{i}. {text}" for i, text in enumerate(EXAMPLE_SNIPPETS, start=1))
+    lines = "\n".join(f"{i}. {render(s.pieces, s.firing())}" for i, s in enumerate(snippets, start=1))
+    return TURN.join([_explanation_question(example), EXAMPLE_ANSWER, _explanation_question(lines)])
 
 
 def parse_explanation(text: str) -> str:
@@ -88,7 +101,7 @@ def parse_explanation(text: str) -> str:
         line = re.sub(r"^(\s*[-*\d.]+\s+)|(\*\*)", "", line).strip()
         line = re.sub(r"^(the )?neuron (detects|fires on)[: ]\s*", "", line, flags=re.I)
         line = re.sub(r"^the (topic|kind|wrapped words)[^\"':]*?(\bis\b|\bare\b|:)\s*", "", line, flags=re.I)
-        line = line.strip().strip("\"'.").strip()
+        line = re.sub(r"\b(\w+)(?: and \1\b)+", r"\1", line.strip().strip("\"'.").strip())  # 'politics and politics and ...'
         if line:
             return line[:MAX_EXPLANATION_CHARS]
     return NO_EXPLANATION

@@ -200,3 +200,16 @@ def test_interpret_config_errors_name_the_key():
                       ({"llm": {"backend": "recorded"}}, "needs interpret.llm.transcript"), ({"refine_rounds": 9}, "refine_rounds")):
         with pytest.raises(ValidationError, match=says):
             InterpretConfig(**bad)
+
+
+def test_a_prompt_with_turns_becomes_alternating_chat_messages():
+    from sae_core.llm import TURN, chat_messages
+    from sae_core.llm_scoring import EXAMPLE_ANSWER, explanation_prompt
+
+    assert chat_messages("q") == [{"role": "user", "content": "q"}]
+    assert chat_messages(TURN.join(["q1", "a1", "q2"])) == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                                                          {"role": "user", "content": "q2"}]
+    turns = chat_messages(explanation_prompt([Snippet(("the", "Ġbank"), (0.0, 2.0))]))
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"] and turns[1]["content"] == EXAMPLE_ANSWER
+    assert "1. the <<bank>>" in turns[2]["content"]
+    assert parse_explanation("politics and politics and politics") == "politics"
