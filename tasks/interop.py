@@ -18,11 +18,11 @@ from typing import Any
 
 from sae_core.ensemble import Ensemble, EnsembleInfo
 from sae_core.interop.saelens import (
-    SAELENS_ARCHITECTURE,
     SAELENS_CONFIG_FILE,
     SAELENS_SCHEMA_VERSION,
     SAELENS_WEIGHTS_FILE,
     NotOneSAE,
+    saelens_architecture,
     export_bagging_as_one_sae,
     export_member,
     read_saelens_folder,
@@ -114,7 +114,7 @@ def export_model(run_dir: str | Path, model: str, run: int, out: str | Path, *, 
             result.folders[member_dirname(j)] = f"member {j} of {model} run {run} (α = {float(ens.alpha[j]):.6g})"
     out.mkdir(parents=True, exist_ok=True)
     description = {"model": model, "run": run, "method": ens.method, "architecture": ens.member_cfg.architecture,
-                   "saelens_architecture": SAELENS_ARCHITECTURE.get(ens.member_cfg.architecture), "folders": result.folders,
+                   "saelens_architecture": saelens_architecture(ens.member_cfg), "folders": result.folders,
                    "not_one_sae": result.not_one_sae, "saelens_schema": SAELENS_SCHEMA_VERSION}
     (out / EXPORT_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return result

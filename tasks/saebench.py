@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from sae_core.interop.saelens import SAELENS_ARCHITECTURE, SAELENS_SCHEMA_VERSION, saelens_config
+from sae_core.interop.saelens import SAELENS_SCHEMA_VERSION, saelens_architecture, saelens_config
 from sae_core.io import ENSEMBLE_FILE, load_sae_config
 from sae_core.methods import method
 from tasks.common import ACTIVATIONS_DIR, DOWNSTREAM_DIR, METRICS_DIR, REPORT_DIR, ModelDir
@@ -35,7 +35,7 @@ def _saebench_sae_cfg(directory: Path, n_used: int | None, method: str, J: int, 
     except (OSError, ValueError, KeyError, IndexError):
         return {"architecture": "unknown", "d_sae": 0, "ensemble_method": method, "n_members": J}
     n = len(meta["members"]) if n_used is None else min(n_used, len(meta["members"]))
-    sae_cfg = saelens_config(SAELENS_ARCHITECTURE.get(cfg.architecture, cfg.architecture), cfg.d_in, cfg.d_sae * n,
+    sae_cfg = saelens_config(saelens_architecture(cfg) or cfg.architecture, cfg.d_in, cfg.d_sae * n,
                              k=cfg.k * n if cfg.k is not None else None, metadata=manifest_meta)
     sae_cfg.update(ensemble_method=method, n_members=J)
     tokens = (meta.get("info") or {}).get("train_tokens")
