@@ -1,12 +1,22 @@
-"""Config sections that stand apart from the stages' own: where units of work run
+"""Config sections that stand apart from the stages' own: the device setting every stage takes, where units of work run
 (``orchestration``) and SAELens folders the train stage imports (``train.imported``);
 :mod:`tasks.config` puts them into the pipeline's config."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sae_core.devices import DEVICE_SETTINGS, check_device_setting
+
+#: where a stage runs its tensors (sae_core.devices): auto = the first CUDA device if any, else the CPU
+DeviceSetting = Annotated[str, AfterValidator(check_device_setting)]
+
+
+def device_field(what: str):
+    """The ``device`` field of a stage section."""
+    return Field(default="auto", description=f"Device of {what} ({DEVICE_SETTINGS}); auto: CUDA when torch sees it, else the CPU.")
 
 
 class Strict(BaseModel):

@@ -68,7 +68,7 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 
 # The source files each stage's results depend on (globs), besides sae_core/, data_contracts/
 # and the shared tasks modules.
-_SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/config_sections.py", "tasks/summaries.py", "tasks/progress.py", "tasks/units.py")
+_SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/config_sections.py", "tasks/config_downstream.py", "tasks/summaries.py", "tasks/progress.py", "tasks/units.py")
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "extract": ("tasks/extract*.py", "tasks/sources.py"),
     "train": ("tasks/train*.py", "tasks/live_activations.py", "tasks/extract*.py", "tasks/interop.py"),
