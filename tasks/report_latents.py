@@ -91,12 +91,14 @@ def _head_blocks(heads: pd.DataFrame, latents: pd.DataFrame | None) -> list[Bloc
 def _steering_blocks(frame: pd.DataFrame) -> list[Block]:
     first = frame.sort_values(["member", "latent"]).iloc[0]
     example = frame[(frame["member"] == first["member"]) & (frame["latent"] == first["latent"])]
+    shown = example[["prompt", "strength", "norm", "generation", "changed"]].copy()
+    shown["generation"] = shown["generation"].str.replace("\n", " ⏎ ", regex=False)   # one table row per generation
     return [Heading(3, "Steering"), Paragraph(
         f"Greedy generations with strength × the latent's typical activation times its decoder row added to the residual "
         f"stream at the hooked layer; latent {int(first['latent'])} of member {int(first['member'])} of `{first['model']}` "
         f"({frame[['member', 'latent']].drop_duplicates().shape[0]} latents steered, "
         f"{int(frame['changed'].sum())} of {int((frame['strength'] != 0).sum())} steered generations changed)."),
-        Table(example[["prompt", "strength", "norm", "generation", "changed"]].reset_index(drop=True), name="steering")]
+        Table(shown.reset_index(drop=True), name="steering")]
 
 
 def latent_sections(run_dir: Path) -> list[Block]:

@@ -161,6 +161,16 @@ def test_steering_hook_adds_exactly_alpha_d_to_the_residual_stream(tiny_llama):
         torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=0)   # the hook is gone
 
 
+def test_cached_generation_equals_the_recomputed_one_with_and_without_steering(tiny_llama):
+    model, block, prompt = tiny_llama.model, tiny_llama.block, [2, 5, 6]
+    direction = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(2))
+    assert greedy_generate(model, prompt, 10) == greedy_generate(model, prompt, 10, use_cache=False)
+    with added_to_output(block, 5.0 * direction):
+        steered = greedy_generate(model, prompt, 10)
+        assert steered == greedy_generate(model, prompt, 10, use_cache=False)
+    assert steered != greedy_generate(model, prompt, 10)
+
+
 def test_alpha_zero_reproduces_the_plain_generation_and_a_large_alpha_changes_it(tiny_llama):
     model, prompt = tiny_llama.model, [2, 5, 6]
     plain = greedy_generate(model, prompt, 8)
