@@ -17,7 +17,7 @@ import pandas as pd
 from data_contracts.sweep import read_results
 from tasks.figures import save_figure
 from tasks.report_doc import Block, BulletList, Document, Heading, Image, Paragraph, Table
-from tasks.sweep import BEST_FILE, RESULTS_FILE, SWEEP_DIR, point_means
+from tasks.sweep_results import BEST_FILE, RESULTS_FILE, SWEEP_DIR, point_means
 
 SUMMARY_FILE = f"{SWEEP_DIR}/summary.json"
 FIGURES = f"{SWEEP_DIR}/figures"
@@ -99,9 +99,10 @@ def sweep_blocks(run_dir: Path, level: int = 2, draw: bool = False) -> list[Bloc
     means = point_means(frame)
     mode = frame["mode"].iloc[0]
     blocks: list[Block] = [Heading(level, "Sweep" + (" (population-based training)" if mode == "population" else " (grid)"))]
-    blocks.append(Paragraph(f"{len(means)} {'members' if mode == 'population' else 'points'}, {frame['seed'].nunique()} seed(s), "
-                            f"{len(frame)} scored SAEs in `{RESULTS_FILE}`; scored on the {summary['split'] if summary else 'validation'} "
-                            f"split, total compute {int(frame.groupby('point')['tokens'].max().sum()):,} training tokens."))
+    scored = (f"{len(means)} members scored after each of {frame['round'].max()} rounds" if mode == "population"
+              else f"{len(means)} points × {frame['seed'].nunique()} seed(s), {len(frame)} SAEs")
+    blocks.append(Paragraph(f"{scored} in `{RESULTS_FILE}`; scored on the {summary['split'] if summary else 'validation'} split; "
+                            f"training compute {int(frame.groupby(['point', 'seed'])['tokens'].max().sum()):,} tokens in all."))
     if summary is not None:
         items = [f"chosen: point {summary['point']} ({summary['values']}) by {summary['why']}",
                  f"as a pipeline config: `{BEST_FILE}` (`sae-ensembles run --config {run_dir / BEST_FILE}`)"]

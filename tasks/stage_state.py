@@ -75,7 +75,7 @@ _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "evaluate": ("tasks/evaluate.py", "tasks/figures.py", "tasks/top_contexts.py", "tasks/interpret_contexts.py", "tasks/config_interpret.py", "tasks/config_latent.py"),
     "downstream": ("tasks/downstream*.py", "tasks/labelled.py", "tasks/sources.py", "tasks/extract*.py", "tasks/figures.py"),
     "interpret": ("tasks/interpret*.py", "tasks/config_interpret.py", "tasks/config_latent.py", "tasks/latent_*.py"),
-    "report": ("tasks/report*.py", "tasks/claims.py", "tasks/interop.py", "tasks/saebench.py"),
+    "report": ("tasks/report*.py", "tasks/claims.py", "tasks/interop.py", "tasks/saebench.py", "tasks/sweep_results.py"),
 }
 _ROOT = Path(__file__).resolve().parent.parent
 

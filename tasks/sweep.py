@@ -38,13 +38,10 @@ from tasks.config import PipelineConfig, TrainStageConfig
 from tasks.config_sweep import SweepConfig, point_train_config
 from tasks.evaluate import TOKEN_SUBSET_SEED
 from tasks.progress import ProgressLog
+from tasks.sweep_results import BEST_FILE, POINTS_DIR, RESULTS_FILE, SWEEP_DIR, point_means  # noqa: F401  (re-exported)
 from tasks.train_plan import data_fingerprint, member_config, plan_jobs, saved_model, train_source
 from tasks.units import Unit
 
-SWEEP_DIR = "sweep"
-POINTS_DIR = f"{SWEEP_DIR}/points"
-RESULTS_FILE = f"{SWEEP_DIR}/results.parquet"
-BEST_FILE = f"{SWEEP_DIR}/best.yaml"
 VALIDATION_FILE = "validation.json"
 EVAL_BATCH = 4096
 
@@ -149,13 +146,6 @@ def add_stability(frame: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
         dictionaries = [load_ensemble(run_dir / point_dir(int(point), int(s))).W_dec.detach() for s in rows["seed"]]
         frame.loc[rows.index, "stability"] = metrics.stability(dictionaries)
     return frame
-
-
-def point_means(frame: pd.DataFrame) -> pd.DataFrame:
-    """The last round of every point, its seeds averaged: point, params, l0, c_dec, score, explained_variance, …"""
-    last = frame[frame["round"] == frame.groupby("point")["round"].transform("max")]
-    numeric = ["l0", "c_dec", "score", "explained_variance", "mse", "dead_fraction", "stability", "tokens"]
-    return last.groupby(["point", "params"], as_index=False)[numeric].mean().sort_values("point").reset_index(drop=True)
 
 
 def choose(frame: pd.DataFrame, sweep: SweepConfig) -> tuple[int, str, L0Choice | None]:

@@ -53,11 +53,18 @@ def _fake_downstream(cfg, run_dir, *, progress=True):
     return StageResult(stage="downstream", written=["downstream/done.txt"])
 
 
+def _fake_interpret(cfg, run_dir, *, progress=True):
+    CALLS["interpret"] += 1
+    (Path(run_dir) / "interpret").mkdir(exist_ok=True)
+    (Path(run_dir) / "interpret" / "done.txt").write_text(str(cfg.seed))
+    return StageResult(stage="interpret", written=["interpret/done.txt"])
+
+
 @pytest.fixture
 def fake_stages(monkeypatch):
     CALLS.clear()
     for name, attr, fn in [("train", "run_training", _fake_training), ("evaluate", "run_evaluation", _fake_evaluation),
-                           ("downstream", "run_downstream", _fake_downstream)]:
+                           ("downstream", "run_downstream", _fake_downstream), ("interpret", "run_interpret", _fake_interpret)]:
         module = types.ModuleType(f"tasks.{name}")
         setattr(module, attr, fn)
         monkeypatch.setitem(sys.modules, f"tasks.{name}", module)
@@ -81,7 +88,7 @@ def _status(outcomes) -> dict[str, str]:
     return {s: "cached" if o.cached else "ran" for s, o in outcomes.items()}
 
 
-ALL_CACHED = dict.fromkeys(["extract", "train", "evaluate", "downstream", "report"], "cached")
+ALL_CACHED = dict.fromkeys(["extract", "train", "evaluate", "downstream", "interpret", "report"], "cached")
 
 
 # ------------------------------------------------------------------------- tests
@@ -91,20 +98,20 @@ def test_second_run_hits_the_cache_and_a_deleted_output_recomputes_only_its_stag
     run = tmp_path / "run"
     first = pipeline_flow(config=tiny_config, run_dir=str(run))
     assert _status(first) == dict.fromkeys(ALL_CACHED, "ran")
-    assert CALLS == {"train": 1, "evaluate": 1, "downstream": 1}
+    assert CALLS == {"train": 1, "evaluate": 1, "downstream": 1, "interpret": 1}
     report = (run / "report" / "report.md").read_text()
     assert "explained variance 0.900 at L0 2.0" in report  # the stand-in evaluate's numbers reached the report
-    assert (run / ".prefect" / "results").is_dir() and len(list((run / ".prefect" / "results").iterdir())) == 5
+    assert (run / ".prefect" / "results").is_dir() and len(list((run / ".prefect" / "results").iterdir())) == 6
 
     second = pipeline_flow(config=tiny_config, run_dir=str(run))
-    assert _status(second) == ALL_CACHED and CALLS == {"train": 1, "evaluate": 1, "downstream": 1}
+    assert _status(second) == ALL_CACHED and CALLS == {"train": 1, "evaluate": 1, "downstream": 1, "interpret": 1}
     assert second["evaluate"].result.tables["summary"].shape == (2, 7)  # the cached result comes back whole
 
     # delete evaluate's output by hand, rerun only evaluate: it recomputes, nothing else runs
     (run / "metrics" / "summary.parquet").unlink()
     alone = evaluate_flow(config=tiny_config.evaluate, run_dir=str(run))
     assert not alone.cached and "metrics/summary.parquet was deleted" in alone.reason
-    assert CALLS == {"train": 1, "evaluate": 2, "downstream": 1}
+    assert CALLS == {"train": 1, "evaluate": 2, "downstream": 1, "interpret": 1}
     assert (run / "metrics" / "summary.parquet").is_file()
     # the same bytes came back, so every later stage is still valid
     assert _status(pipeline_flow(config=tiny_config, run_dir=str(run))) == ALL_CACHED
@@ -117,8 +124,8 @@ def test_force_recomputes_the_stage_and_everything_after_it(prefect_harness, fak
     pipeline_flow(config=tiny_config, run_dir=str(run))
     (run / "downstream" / "stale.txt").write_text("left by hand")
     forced = pipeline_flow(config=tiny_config, run_dir=str(run), force="evaluate")
-    assert _status(forced) == {"extract": "cached", "train": "cached", "evaluate": "ran", "downstream": "ran", "report": "ran"}
-    assert CALLS == {"train": 1, "evaluate": 2, "downstream": 2}
+    assert _status(forced) == {"extract": "cached", "train": "cached", "evaluate": "ran", "downstream": "ran", "interpret": "ran", "report": "ran"}
+    assert CALLS == {"train": 1, "evaluate": 2, "downstream": 2, "interpret": 2}
     assert not (run / "downstream" / "stale.txt").exists()  # a forced stage starts from a clean slate
     assert forced["evaluate"].deleted == ["metrics/summary.parquet"]
 
@@ -128,13 +135,14 @@ def test_a_changed_section_recomputes_that_stage_and_the_stages_reading_its_outp
 
     run = tmp_path / "run"
     pipeline_flow(config=tiny_config, run_dir=str(run))
-    # downstream's section changes: only downstream and the report (which shows the config) rerun
+    # downstream's section changes: downstream, interpret (a later stage, whose inputs changed) and the report (which
+    # shows the config) rerun
     other = tiny_config.model_copy(update={"downstream": tiny_config.downstream.model_copy(update={"seed": 7})})
-    assert _status(pipeline_flow(config=other, run_dir=str(run))) == {**ALL_CACHED, "downstream": "ran", "report": "ran"}
+    assert _status(pipeline_flow(config=other, run_dir=str(run))) == {**ALL_CACHED, "downstream": "ran", "interpret": "ran", "report": "ran"}
     # train's section changes: its models change, so evaluate and downstream see new inputs
     wider = other.model_copy(update={"train": other.train.model_copy(update={"d_sae": 128})})
     assert _status(pipeline_flow(config=wider, run_dir=str(run))) == {**dict.fromkeys(ALL_CACHED, "ran"), "extract": "cached"}
-    assert CALLS == {"train": 2, "evaluate": 2, "downstream": 3}
+    assert CALLS == {"train": 2, "evaluate": 2, "downstream": 3, "interpret": 3}
 
 
 def test_a_stage_run_alone_without_its_inputs_names_the_stage_to_run_first(prefect_harness, tiny_config, tmp_path):
@@ -149,7 +157,7 @@ def test_a_stage_run_alone_without_its_inputs_names_the_stage_to_run_first(prefe
     ("train:\n  d_sae: 64\n  d_sea: 3\n", ["section 'train'", "unknown key 'train.d_sea'", "known keys here:", "d_sae"]),
     ("evaluate:\n  batch_size: lots\n", ["section 'evaluate'", "evaluate.batch_size", "valid integer", "'lots'"]),
     ("extract:\n  corpus:\n    - {name: bbc, colour: red}\n", ["extract.corpus.0.colour", "unknown key"]),
-    ("trian:\n  d_sae: 3\n", ["unknown key 'trian'", "known keys here: downstream, evaluate, extract, name, orchestration, report, train"]),
+    ("trian:\n  d_sae: 3\n", ["unknown key 'trian'", "known keys here: downstream, evaluate, extract, interpret, name, orchestration, report, train"]),
     ("train: 5\n", ["section 'train' must be a mapping"]),
     ("train: [\n", ["is not valid YAML"]),
 ])

@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCREENSHOTS = ROOT / "runs" / "ui-check"
-STAGES = ["extract", "train", "evaluate", "downstream", "report"]
+STAGES = ["extract", "train", "evaluate", "downstream", "interpret", "report"]
 
 pytestmark = pytest.mark.slow
 
