@@ -46,6 +46,13 @@ def member_seed(sweep: SweepConfig, member: int) -> int:
     return sweep.population.seed * sweep.population.size + member
 
 
+def member_settings(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """Everything a member's recipe sets besides the base config: the grid's fixed values, the
+    run's steps and the searched values (what best.yaml needs to reproduce it)."""
+    fixed = sweep.grid_points()[0] if sweep.grid else {}
+    return {**fixed, "train.recipe.n_steps": sweep.population.n_steps, **params}
+
+
 def member_train_config(sweep: SweepConfig, base: PipelineConfig, params: dict[str, Any], member: int) -> TrainStageConfig:
     """The train section of member ``member`` with ``params``: the whole run's steps, a checkpoint every interval."""
     pop = sweep.population
@@ -110,7 +117,7 @@ def run_population(sweep: SweepConfig, base: PipelineConfig, run_dir: Path, exec
                       writes=(member_dir(m),), cost=pop.interval) for m, t in enumerate(trains)]
         values = executor.run("train", units)
         scores = [sweep.score(v) for v in values]
-        rows = [result_row("population", m, t.recipe.seed, round_ + 1, state["params"][m], t, stop, v, s)
+        rows = [result_row("population", m, t.recipe.seed, round_ + 1, member_settings(sweep, state["params"][m]), t, stop, v, s)
                 for m, (t, v, s) in enumerate(zip(trains, values, scores))]
         best = max(range(pop.size), key=lambda m: (scores[m], -m))
         report(f"population round {round_ + 1}/{pop.rounds} (step {stop}): best member {best} "

@@ -250,8 +250,8 @@ def test_a_population_sweep_exploits_explores_and_writes_a_runnable_best_config(
 
     base, where = tiny_base
     run = where / "run"  # the grid test's run directory: extraction is cached
-    sweep = SweepConfig(base=base, mode="population", population={"size": 4, "interval": 10, "rounds": 2,
-                                                                  "search": {"train.recipe.lr": {"low": 1e-4, "high": 1e-2}}})
+    sweep = SweepConfig(base=base, mode="population", grid={"train.d_sae": [16]},  # a fixed setting of every member
+                        population={"size": 4, "interval": 10, "rounds": 2, "search": {"train.recipe.lr": {"low": 1e-4, "high": 1e-2}}})
     summary = sweep_flow(config=sweep, run_dir=str(run))
     frame = read_results(run / "sweep" / "results.parquet")
     assert len(frame) == 8 and sorted(set(frame["round"])) == [1, 2] and (frame["mode"] == "population").all()
@@ -263,8 +263,10 @@ def test_a_population_sweep_exploits_explores_and_writes_a_runnable_best_config(
     assert loser == int(round1.idxmin())
     last = frame[frame["round"] == 2]
     assert summary["point"] == int(last.loc[last["score"].idxmax(), "point"])
-    best = load_pipeline_config(run / "sweep" / "best.yaml")
+    best = load_pipeline_config(run / "sweep" / "best.yaml")  # the member's whole recipe: fixed settings, steps, searched values
     assert best.train.recipe.lr == pytest.approx(summary["params"]["train.recipe.lr"])
+    assert (best.train.d_sae, best.train.recipe.n_steps, best.train.architecture) == (16, 20, "batchtopk")
+    assert (frame["d_sae"] == 16).all()
     assert (run / "sweep" / "population" / "best" / "ensemble.json").is_file()
 
 
