@@ -83,6 +83,27 @@ def test_direction_outside_the_cone_has_a_residual():
     assert only_two.containment == pytest.approx(2 / 3) and only_two.n_atoms == 2
 
 
+def test_batched_fits_with_partial_selection_equal_single_fits_on_the_sorted_top_s():
+    from scipy.optimize import nnls
+
+    from sae_core.cones import cone_fits
+
+    rng = np.random.default_rng(4)
+    D = random_dictionary(40, 8, seed=5)
+    D = np.concatenate([D, D[:10]])                    # duplicated rows: tied cosines across the top-s boundary
+    directions = rng.standard_normal((6, 8))
+    for s in (1, 5, 12, 50):
+        for w, fit in zip(directions, cone_fits(directions, 3.0 * D, s)):
+            u = w / np.linalg.norm(w)
+            cosine = D @ u
+            top = np.lexsort((np.arange(len(D)), -cosine))[:s]          # the slow twin: sort everything
+            alpha, residual = nnls(D[top].T, u)
+            assert fit.residual == pytest.approx(min(residual, 1.0), abs=1e-12)
+            used = top[alpha > 1e-9 * max(1.0, alpha.max())]
+            # a duplicated row may stand in for its twin (rounding decides the tie): compare rows, not indices
+            assert {i % 40 for i in fit.atoms.tolist()} == {i % 40 for i in used.tolist()}
+
+
 def test_cone_fit_clear_errors():
     with pytest.raises(ValueError, match="zero"):
         cone_fit(np.zeros(4), np.eye(4), 2)
@@ -178,6 +199,23 @@ def test_alpha_zero_reproduces_the_plain_generation_and_a_large_alpha_changes_it
     direction = torch.randn(tiny_llama.d_model, generator=torch.Generator().manual_seed(1))
     assert steered_generate(model, tiny_llama.block, direction, 0.0, prompt, 8) == plain
     assert steered_generate(model, tiny_llama.block, direction, 50.0, prompt, 8) != plain
+
+
+def test_context_texts_stay_in_their_document_and_window(llama_dir):
+    from transformers import AutoTokenizer
+
+    from tasks.latent_monosemanticity import CONTEXT_AFTER, CONTEXT_BEFORE, context_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    first, second = tokenizer("the market rose as shares in the bank gained on strong profits", add_special_tokens=False)["input_ids"], \
+        tokenizer("the striker scored twice", add_special_tokens=False)["input_ids"]
+    where = pd.DataFrame({"doc_id": ["a"] * len(first) + ["b"] * len(second), "position": [*range(len(first)), *range(len(second))],
+                          "token_id": first + second})
+    assert (CONTEXT_BEFORE, CONTEXT_AFTER) == (8, 2)
+    texts = context_texts(where, np.array([0, 10, len(first) - 1, len(first)]), tokenizer)
+    assert texts == ["the market rose", "rose as shares in the bank gained on strong profits",
+                     "as shares in the bank gained on strong profits",
+                     "the striker scored"]
 
 
 # --------------------------------------------------------------------------- the contracts
