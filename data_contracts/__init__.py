@@ -74,6 +74,14 @@ def validate(artifact: str | Path) -> object:
 
         if kind in INTERPRET_KINDS:
             return read_interpret(artifact, kind)
+    from data_contracts.latents import KINDS as LATENT_KINDS, read_latent_table
+
+    if kind in LATENT_KINDS:
+        return read_latent_table(artifact, kind)
+    if kind == "sweep_results":
+        from data_contracts.sweep import read_results
+
+        return read_results(artifact)
     from data_contracts.labelled import KINDS as DOWNSTREAM_KINDS, read_table
 
     if kind in DOWNSTREAM_KINDS:

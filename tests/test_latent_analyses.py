@@ -331,6 +331,10 @@ def test_run_latent_analyses_writes_every_contracted_table_and_the_report_shows_
     written = run_latent_analyses(tiny_run, _analyses_cfg(embedder), explanations, progress=False)
     assert sorted(written) == sorted(ALL_FILES)
     tables = {rel: read_latent_table(tiny_run / rel) for rel in written}
+    import data_contracts
+
+    for rel in written:  # the generic validator knows every kind (as the report and `validate(path)` by hand use it)
+        assert data_contracts.validate(tiny_run / rel).equals(tables[rel]), rel
 
     mono = tables["latents/monosemanticity.parquet"]
     assert mono.groupby("method").size().to_dict() == {"bagging": 32, "boosting": 32, "neurons": 32, "random_directions": 4}

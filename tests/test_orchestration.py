@@ -63,7 +63,10 @@ def tiny_pipeline_config(tmp_path_factory):
         train={"d_sae": 32, "k": 4, "n_members": 2, "n_runs": 2, "expanded_sizes": [2], "recipe": {"n_steps": 30, "batch_size": 32}},
         evaluate={"ce_loss": False},
         downstream={"probing_datasets": ["bbc"], "sae_probes_tasks": ["glue_sst2", "agnews_0"]},
-        interpret={"latents_per_member": 0},  # no LLM here (tests/test_interpret_stage.py replays a real one)
+        # no LLM and no latent analyses here: tests/test_interpret_stage.py replays a real LLM, tests/test_latent_analyses.py
+        # runs the analyses end to end, and the smoke pipeline (tests/test_flows.py) runs both for real
+        interpret={"latents_per_member": 0,
+                   "analyses": {name: {"enabled": False} for name in ("monosemanticity", "cones", "sparse_head", "steering")}},
     )
 
 
