@@ -257,6 +257,35 @@ class SAE(nn.Module):
         unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         g -= (g * unit).sum(-1, keepdim=True) * unit
 
+    def latent_order(self, step: int, n_steps: int) -> Tensor | None:
+        """After optimizer step ``step`` (1-based) of ``n_steps``: a permutation [J, m] of the latents to apply now
+        (:meth:`permute_latents`), or None. Default None: the latents' order never changes (the
+        ordered SAE re-sorts its latents, whose order its loss depends on)."""
+        return None
+
+    @torch.no_grad()
+    def permute_latents(self, order: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Member j's new latent i is its old latent ``order[j, i]``: W_enc columns, encoder bias and
+        W_dec rows, with the optimizer's per-parameter state of the same shapes (Adam's moments).
+        The code of every input is permuted the same way, its reconstruction unchanged. An
+        architecture with other per-latent tensors must permute them too."""
+        J, m = self.n_members, self.cfg.d_sae
+        if order.shape != (J, m):
+            raise ValueError(f"order must be [{J}, {m}] (one permutation of the latents per member), got {list(order.shape)}")
+        for param, axis in ((self.W_enc, 2), (getattr(self, self.encoder_bias_name), 1), (self.W_dec, 1)):
+            state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for t in [param.data, *(v for v in state.values() if torch.is_tensor(v) and v.shape == param.shape)]:
+                index = order.to(t.device).view(J, *([1] * (axis - 1)), m, *([1] * (t.dim() - axis - 1))).expand_as(t)
+                t.copy_(t.gather(axis, index))
+
+    def training_state(self) -> dict[str, Tensor]:
+        """Training-only tensors that are not in the model file but that a checkpoint must carry to resume
+        bit for bit (the ordered SAE's statistics since its last sort). Default none."""
+        return {}
+
+    def load_training_state(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (default: nothing to restore)."""
+
     # --------------------------------------------------------------- members
     def saved_tensor_names(self) -> list[str]:
         """Names written to sae.safetensors (parameters and persistent buffers)."""

@@ -158,6 +158,7 @@ class _Checkpoint:
             for key, value in state.items():
                 tensors[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().clone().contiguous()
         tensors["tokens_since_fired"] = tokens_since_fired.cpu().clone()
+        tensors.update({f"train.{k}": v.detach().cpu().clone().contiguous() for k, v in sae.training_state().items()})
         meta: dict = {"step": step, "fingerprint": fingerprint, "history": [r.to_json() for r in history]}
         if annealer is not None:
             scalars, anneal_tensors = annealer.state()
@@ -193,6 +194,7 @@ def _restore(sae: SAE, optimizer: torch.optim.Optimizer, tensors: dict[str, Tens
         if entry:
             opt_state[i] = entry
     optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    sae.load_training_state({k[len("train.") :]: v for k, v in tensors.items() if k.startswith("train.")})
 
 
 def train_sae(
@@ -322,6 +324,10 @@ def _train(sae_cfg, source, stream, train_cfg: TrainConfig, seeds, checkpoint_di
         sae.after_optimizer_step(train_cfg)
 
         tokens_since_fired = torch.where(out.fired, torch.zeros_like(tokens_since_fired), tokens_since_fired + B)
+        # the ordered SAE re-sorts its latents; a frozen decoder (the random-decoder baseline) stays its seeded init
+        if not train_cfg.freeze_decoder and (order := sae.latent_order(step + 1, train_cfg.n_steps)) is not None:
+            sae.permute_latents(order, optimizer)
+            tokens_since_fired = tokens_since_fired.gather(1, order.to(tokens_since_fired.device))
         if annealer is not None:
             annealer.record(out.stats["sparsity_current_p"], out.stats.get("sparsity_next_p"))
             annealer.advance(step)
