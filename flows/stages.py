@@ -37,6 +37,7 @@ from tasks.config import DownstreamConfig, EvaluateConfig, ExtractConfig, Orches
 from tasks.units import UnitExecutor
 from tasks.prefect_tasks import StageOutcome, progress_enabled, run_stage
 from tasks.stage_state import (
+    OPTIONAL_INPUTS,
     STAGES,
     STATE_DIR,
     MissingInput,
@@ -105,7 +106,8 @@ def run_stage_flow(stage: str, section: BaseModel, run_dir: str | Path | None, f
         if swept:
             get_run_logger().info("removed %d stale temporaries of an interrupted run: %s", len(swept), ", ".join(swept[:5]))
         if store.remote:
-            pulled = store.pull([p for paths in PUBLISHED.values() for p in paths] + list(STATE_PUBLISHED))
+            optional = [rel for rels in OPTIONAL_INPUTS.values() for rel in rels]  # a sweep's results, for the report
+            pulled = store.pull([p for paths in PUBLISHED.values() for p in paths] + list(STATE_PUBLISHED) + optional)
             get_run_logger().info("run directory %s: mirrored in %s (%d files fetched)", store.url, store.local, len(pulled))
         if orchestration.threads:  # the local runner's units run here; others get the count as a parameter
             import torch

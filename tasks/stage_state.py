@@ -66,6 +66,10 @@ REQUIRED_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "report": (),  # the report says which artifact is missing and which stage makes it
 }
 
+# Files no stage makes that a stage reads when they are there: a sweep run into this run
+# directory (`sae-ensembles sweep --out`) gives the report its sweep section.
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"report": ("sweep/results.parquet", "sweep/summary.json")}
+
 # The source files each stage's results depend on (globs), besides sae_core/, data_contracts/
 # and the shared tasks modules.
 _SHARED_SOURCES: tuple[str, ...] = ("tasks/common.py", "tasks/config.py", "tasks/config_sections.py", "tasks/config_downstream.py", "tasks/summaries.py", "tasks/progress.py", "tasks/units.py")
@@ -176,9 +180,13 @@ def stage_cache_key(stage: str, section: BaseModel, run_dir: str | Path) -> str:
     run_dir = Path(run_dir).resolve()
     hashes = _HashCache(run_dir)
     upstream = {s: outputs_fingerprint(run_dir, s, hashes) for s in STAGES[: STAGES.index(stage)]}
+    optional = {rel: hashes.digest(run_dir, rel) for rel in OPTIONAL_INPUTS.get(stage, ()) if (run_dir / rel).is_file()}
     hashes.save()
     h = hashlib.sha256()
-    h.update(json.dumps({"stage": stage, "config": _section_json(section), "code": code_version(stage), "inputs": upstream}, sort_keys=True).encode())
+    key = {"stage": stage, "config": _section_json(section), "code": code_version(stage), "inputs": upstream}
+    if optional:  # only when present: a run directory without a sweep keeps the key it had
+        key["optional_inputs"] = optional
+    h.update(json.dumps(key, sort_keys=True).encode())
     return f"{stage}-{h.hexdigest()[:32]}"
 
 

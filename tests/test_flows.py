@@ -227,3 +227,18 @@ def test_stamps_notice_deleted_and_edited_outputs_and_fingerprints_follow_conten
     (tmp_path / "figures" / "intrinsic_mse.png").unlink()
     assert outputs_intact(tmp_path, "evaluate") == (False, "figures/intrinsic_mse.png was deleted")
     assert outputs_intact(tmp_path, "downstream") == (False, "first run in this directory (no stamp of a finished run)")
+
+
+def test_a_sweep_run_into_the_run_directory_changes_only_the_reports_cache_key(tmp_path):
+    """The report shows sweep/ when it is there, so a sweep's results are one of its inputs (and nobody else's)."""
+    from tasks.config import PipelineConfig
+    from tasks.stage_state import STAGES, stage_cache_key
+
+    cfg = PipelineConfig()
+    before = {s: stage_cache_key(s, cfg, tmp_path) for s in STAGES}
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.parquet").write_bytes(b"first sweep")
+    after = {s: stage_cache_key(s, cfg, tmp_path) for s in STAGES}
+    assert {s for s in STAGES if before[s] != after[s]} == {"report"}
+    (tmp_path / "sweep" / "results.parquet").write_bytes(b"second sweep")
+    assert stage_cache_key("report", cfg, tmp_path) != after["report"]
