@@ -51,7 +51,14 @@ PrefixDistribution = Annotated[Literal["uniform", "geometric", "groups"] | None,
 PrefixScale = Annotated[float | None, Field(
     gt=0, description="ordered, prefix_distribution geometric: the decay length of p_ND as a fraction of d_sae "
     "(default 0.25; unused by the other distributions).")]
-ARCHITECTURE_FIELDS: tuple[str, ...] = ("prefix_fractions", "matryoshka_code", "prefix_distribution", "prefix_scale")
+LatentSorts = Annotated[int | None, Field(
+    ge=0, description="ordered: how many times training re-sorts each member's latents, evenly spaced (after steps "
+    "n_steps·i/N, the last one after the final step), by their squared contribution since the last sort, largest first "
+    "(with their Adam moments; 0: never). Default 20. A permutation leaves a plain SAE's loss unchanged but not the "
+    "ordered loss, whose prefix weights favour the larger contributions first; it lets two seeds settle on the same "
+    "order (tests/test_matryoshka_ordered.py).")]
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("prefix_fractions", "matryoshka_code", "prefix_distribution", "prefix_scale",
+                                        "latent_sorts")
 
 
 class _Strict(BaseModel):
@@ -83,6 +90,7 @@ class SAEConfig(_Strict):
     matryoshka_code: MatryoshkaCode = None
     prefix_distribution: PrefixDistribution = None
     prefix_scale: PrefixScale = None
+    latent_sorts: LatentSorts = None
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +155,7 @@ class ArchitectureOptions(_Strict):
     matryoshka_code: MatryoshkaCode = None
     prefix_distribution: PrefixDistribution = None
     prefix_scale: PrefixScale = None
+    latent_sorts: LatentSorts = None
 
     def sae_fields(self) -> dict[str, Any]:
         """The options that are set, as SAEConfig keyword arguments."""

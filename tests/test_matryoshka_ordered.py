@@ -89,6 +89,81 @@ def test_prefix_length_distributions_hand_computed():
     assert cdf[0] == 0 and cdf[-1] == 1 and cdf[1].item() == pytest.approx(0.5)
 
 
+def test_sorting_puts_the_larger_squared_activations_first_and_lowers_the_ordered_loss_hand_computed():
+    sae, a = _hand_sae("ordered", prefix_distribution="uniform", latent_sorts=3)
+    before = sae.training_loss(a, _ctx())
+    # 3 sorts in 10 steps: after steps 4, 7 and 10 (where ⌊3·step/10⌋ grows: 1.2, 2.1, 3)
+    assert [sae.latent_order(step, 10) for step in (1, 2, 3)] == [None, None, None]
+    order = sae.latent_order(4, 10)
+    # codes (2, 1, 0) and (0, 3, 0): Σ z² = 4, 1 + 9 = 10, 0 → latent 1 first, then 0, then 2 (never fired)
+    assert order.tolist() == [[1, 0, 2]]
+    assert sae.training_state()["sort_energy"].abs().sum() == 0  # counted again from zero after a sort
+    x = torch.tensor([[0.3, -0.2], [1.0, 2.0]])
+    with torch.no_grad():
+        codes, recon = sae.encode(x), sae(x)
+    sae.permute_latents(order)
+    torch.testing.assert_close(sae.W_dec[0].detach(), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]]))
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), codes[:, [1, 0, 2]])  # the same code, permuted
+        torch.testing.assert_close(sae(x), recon)
+    after = sae.training_loss(a, _ctx())
+    # now f2, f1, f3. token (2, 1), code (1, 2, 0): l=1 decodes (0, 1), error |(2, 0)|² = 4; l=2, 3 exact → 4/3
+    # token (0, 3), code (3, 0, 0): exact from l=1 → 0. Mean 2/3, down from 5/3 (plain MSE 0 both times)
+    assert (before.terms["nested_mse"].item(), after.terms["nested_mse"].item()) == pytest.approx((5 / 3, 2 / 3))
+    assert after.terms["mse"].item() == pytest.approx(0.0)
+    assert [step for step in range(5, 11) if sae.latent_order(step, 10) is not None] == [7, 10]
+    assert SAEConfig(architecture="ordered", d_in=2, d_sae=4, k=1).latent_sorts == 20  # the default
+    with pytest.raises(ValueError, match="latent_sorts is only meaningful for ordered"):
+        SAEConfig(architecture="topk", d_in=2, d_sae=4, k=1, latent_sorts=5)
+
+
+def test_permute_latents_moves_the_adam_moments_with_their_latents():
+    """Against its slow twin: each tensor indexed by hand, member by member."""
+    sae = build_sae(SAEConfig(architecture="ordered", d_in=3, d_sae=5, k=2), n_members=2)
+    sae.initialize([torch.Generator().manual_seed(j) for j in range(2)])
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    sae.training_loss(torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(0)), _ctx()).loss.backward()
+    optimizer.step()
+    before = {n: (p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for n, p in sae.named_parameters()}
+    order = torch.tensor([[4, 2, 0, 1, 3], [1, 0, 2, 3, 4]])
+    sae.permute_latents(order, optimizer)
+    for name, p in sae.named_parameters():
+        for got, want in [(p.detach(), before[name][0]), *((optimizer.state[p][k], v) for k, v in before[name][1].items() if k != "step")]:
+            for j in range(2):
+                expected = want[j][:, order[j]] if name == "W_enc" else want[j][order[j]] if name in ("b_enc", "W_dec") else want[j]
+                assert torch.equal(got[j], expected), (name, j)
+    with pytest.raises(ValueError, match=r"order must be \[2, 5\]"):
+        sae.permute_latents(order[:1])
+
+
+def test_sorted_training_resumes_bit_identical_mid_window_and_members_train_as_alone(tmp_path):
+    """4 sorts in 16 steps (after 4, 8, 12, 16), a checkpoint at step 10 (two steps into a window): the statistics
+    since the last sort travel with the checkpoint. Two members trained side by side equal each trained alone."""
+    data = make_sparse_dictionary_data(n_features=24, d=8, n_samples=2048, seed=2, frequency_exponent=1.2).activations
+    cfg = SAEConfig(architecture="ordered", d_in=8, d_sae=24, k=2, latent_sorts=4)
+    tcfg = TrainConfig(n_steps=16, batch_size=64, lr=1e-2, checkpoint_every=5, log_every=4, dead_tokens_threshold=256)
+    full = train_sae(cfg, data, tcfg, member_seeds=[0, 1])
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, sae, record):
+        if step == 12:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_sae(cfg, data, tcfg, member_seeds=[0, 1], checkpoint_dir=tmp_path, callback=stop)
+    resumed = train_sae(cfg, data, tcfg, member_seeds=[0, 1], checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 10
+    for name, tensor in full.sae.state_dict().items():
+        assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
+    assert resumed.history == full.history
+    alone = train_sae(cfg, data, tcfg, member_seeds=[1]).sae
+    torch.testing.assert_close(alone.W_dec[0], full.sae.W_dec[1], rtol=1e-4, atol=1e-5)
+    unsorted = train_sae(cfg.model_copy(update={"latent_sorts": 0}), data, tcfg, member_seeds=[0, 1]).sae
+    assert not torch.equal(unsorted.W_dec, full.sae.W_dec)  # the sorts did something
+
+
 @pytest.mark.parametrize("distribution", ["uniform", "geometric", "groups"])
 def test_exact_nested_loss_equals_the_mean_over_every_prefix_with_gradients(distribution):
     """Fast path (k active latents per token, O(k·d)) against its slow twin (m decodes), values and gradients."""
@@ -207,6 +282,8 @@ def test_stage_config_passes_the_options_to_every_member():
                              architecture_options={"prefix_fractions": [0.25, 1.0], "matryoshka_code": "topk"})
     cfg = member_config(stage, d_in=8)
     assert (cfg.prefix_fractions, cfg.matryoshka_code) == ((0.25, 1.0), "topk")
+    ordered = TrainStageConfig(architecture="ordered", d_sae=64, k=4, architecture_options={"latent_sorts": 0})
+    assert member_config(ordered, d_in=8).latent_sorts == 0
     with pytest.raises(ValueError, match="prefix_distribution is only meaningful for ordered"):
         TrainStageConfig(architecture="topk", architecture_options={"prefix_distribution": "uniform"})
 
@@ -333,52 +410,66 @@ def test_matryoshka_prefixes_improve_with_length_and_the_first_is_purer_than_a_p
     assert mse[0] < metrics.mse(test, plain_first) - 0.3
 
 
-def _two_seeds(architecture: str, data, n_steps: int, **fields) -> list[torch.Tensor]:
-    """Decoders of SAEs with seeds 0 and 1, trained side by side (each exactly as it would train alone)."""
+def _seeds(architecture: str, data, n_steps: int, n: int = 4, **fields) -> list[torch.Tensor]:
+    """Decoders of SAEs with seeds 0..n−1, trained side by side (each exactly as it would train alone)."""
     from sae_core.training.ensembles import train_bagging
 
     d, m = data.dictionary.shape[1], data.dictionary.shape[0]
     cfg = SAEConfig(architecture=architecture, d_in=d, d_sae=m, k=3, **fields)
-    members = train_bagging(cfg, data.activations, _recipe(n_steps), 2).ensemble.members
-    return [members.W_dec[j].detach() for j in range(2)]
+    members = train_bagging(cfg, data.activations, _recipe(n_steps), n).ensemble.members
+    return [members.W_dec[j].detach() for j in range(n)]
+
+
+def _mean_pairwise_orderedness(dictionaries: list[torch.Tensor]) -> float:
+    pairs = [(s, t) for s in range(len(dictionaries)) for t in range(s + 1, len(dictionaries))]
+    return sum(orderedness(dictionaries[s], dictionaries[t]) for s, t in pairs) / len(pairs)
 
 
 def test_ordered_sae_recovers_an_order_where_topk_does_not():
-    """32 planted features of Zipf(1.2) frequency in d = 32 (3 active on average), m = 32, k = 3, 250 steps, seeds 0/1.
+    """32 planted features of Zipf(1.2) frequency in d = 32 (3 active on average), m = 32, k = 3, 250 steps, seeds 0..3.
 
-    Measured (default p_ND, geometric with scale 0.25): orderedness between the two seeds 0.60 for the ordered
-    SAE, 0.03 for TopK; against the planted (frequency) order 0.64 and 0.63 for the ordered SAE, 0.07 and −0.16
-    for TopK (uniform p_ND: 0.39 between seeds, 0.52/0.53 to the planted order). Not the "near 1" of the issue:
-    which latent a feature lands on is largely settled early by the initialisation, and the paper's extra
-    training devices (k warm-up, unit sweeping) are not implemented (README, Ordered SAEs).
+    Measured (defaults: p_ND geometric with scale 0.25, 20 re-sorts of the latents), the mean over the 6 seed pairs:
+    orderedness between seeds 0.76 for the ordered SAE (seeds 0/1 alone: 0.68), 0.42 for the same without
+    re-sorting (latent_sorts 0), −0.01 for TopK; against the planted (frequency) order 0.65 (TopK 0.01). This data
+    seed was the least favourable of 7 measured with a held-out split (12,288 training tokens): over data seeds
+    0..6 the mean orderedness between seeds was 0.66, 0.88, 0.89, 0.85, 0.80, 0.84, 0.77 (mean 0.81; 10 re-sorts:
+    0.82, 0.85, 0.91, 0.74, 0.83, 0.73, 0.81, mean 0.81), without re-sorting 0.41, 0.46, 0.36, 0.35, 0.32, 0.45,
+    0.50 (mean 0.41), at the same held-out EV (0.79 to 0.82). Without re-sorting, which latent a feature lands on is settled early by the initialisation and the loss
+    alone does not swap latents. Near 1, not 1: the rarest features' frequencies differ little, and a few features
+    are not recovered.
     """
     data = make_sparse_dictionary_data(n_features=32, d=32, n_samples=16_384, mean_active=3, seed=0, frequency_exponent=1.2,
                                        offset_scale=0.0)
-    ordered, topk = _two_seeds("ordered", data, 250), _two_seeds("topk", data, 250)
-    ord_ordered, ord_topk = orderedness(*ordered), orderedness(*topk)
-    to_truth = [orderedness(data.dictionary, W) for W in ordered]
-    topk_to_truth = [orderedness(data.dictionary, W) for W in topk]
-    print("orderedness across seeds", ord_ordered, ord_topk, "to the planted order", to_truth, topk_to_truth)
-    assert ord_ordered > 0.45 and abs(ord_topk) < 0.2
-    assert min(to_truth) > 0.5 and max(abs(v) for v in topk_to_truth) < 0.25
+    ordered, unsorted, topk = _seeds("ordered", data, 250), _seeds("ordered", data, 250, latent_sorts=0), _seeds("topk", data, 250)
+    between = {name: _mean_pairwise_orderedness(runs) for name, runs in [("ordered", ordered), ("unsorted", unsorted), ("topk", topk)]}
+    to_truth = {name: sum(orderedness(data.dictionary, W) for W in runs) / len(runs) for name, runs in [("ordered", ordered), ("topk", topk)]}
+    print("orderedness between seeds", between, "to the planted order", to_truth)
+    assert between["ordered"] > 0.65 and abs(between["topk"]) < 0.15
+    assert between["ordered"] > between["unsorted"] + 0.2  # the re-sorting is what orders them
+    assert to_truth["ordered"] > 0.55 and abs(to_truth["topk"]) < 0.15
 
 
 @pytest.mark.slow
 def test_ordered_sae_on_the_osae_toy():
     """The OSAE paper's toy, (d, K, m) = (80, 100, 5) with a Zipf(1.2) support prior and 100k samples, 3000 steps.
 
-    Measured (4 to 6 minutes here; default p_ND, geometric 0.25): orderedness between seeds 0.59 (TopK 0.01); to
-    the planted order 0.72 and 0.58 (TopK −0.05, −0.10; the paper reports 0.734 with unit sweeping); prefix
-    stability at p = 4: 0.51 (TopK 0.19); matched stability over all 100 latents 0.87 (TopK 0.88). With a uniform
-    p_ND: 0.50 between seeds, 0.62 and 0.54 to the planted order, prefix stability at 4 0.69, matched 0.89.
+    Measured (4 to 6 minutes here; defaults: geometric p_ND 0.25, 20 re-sorts): orderedness between seeds 0.97
+    (TopK 0.01); to the planted order 0.84 and 0.87 (TopK −0.05, −0.10; the paper reports 0.734 with unit
+    sweeping); prefix stability at p = 4: 1.0 (TopK 0.19); matched stability over all 100 latents 0.86 (TopK 0.88).
+    Seeds 2/3: 0.95 between seeds, 0.95/0.91 to the planted order. With 10 re-sorts 0.68 (seeds 2/3: 0.91); every
+    25 steps (120 re-sorts) 0.79; without re-sorting 0.59 between seeds, 0.72/0.58 to the planted order, prefix
+    stability at 4 0.51, matched 0.87 (uniform p_ND: 0.50, 0.62/0.54, 0.69, 0.89). The re-sorting costs a little
+    recovery of the planted features: mean max cosine 0.85–0.88 against 0.89 without.
     """
     data = make_sparse_dictionary_data(n_features=100, d=80, n_samples=100_000, mean_active=5, seed=0, frequency_exponent=1.2,
                                        offset_scale=0.0)
     cfg = lambda arch: SAEConfig(architecture=arch, d_in=80, d_sae=100, k=5)  # noqa: E731
     runs = {arch: [train_sae(cfg(arch), data.activations, _recipe(3000, seed=s, batch_size=512, lr=3e-3)).sae.W_dec[0].detach()
                    for s in (0, 1)] for arch in ("ordered", "topk")}
-    assert orderedness(*runs["ordered"]) > 0.4 and abs(orderedness(*runs["topk"])) < 0.15
-    assert min(orderedness(data.dictionary, W) for W in runs["ordered"]) > 0.45
+    print({arch: (orderedness(*W), [orderedness(data.dictionary, w) for w in W], prefix_stability(*W, [4])[0],
+                  metrics.stability_matched(*W), [metrics.stability_matched(data.dictionary, w) for w in W]) for arch, W in runs.items()})
+    assert orderedness(*runs["ordered"]) > 0.85 and abs(orderedness(*runs["topk"])) < 0.15
+    assert min(orderedness(data.dictionary, W) for W in runs["ordered"]) > 0.75
     assert prefix_stability(*runs["ordered"], [4])[0] > prefix_stability(*runs["topk"], [4])[0] + 0.2
 
 
