@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_contracts.core import ContractViolation, Failure, read_parquet, run_suite, write_parquet_atomic
+from data_contracts.core import ContractViolation, Failure, arrow_table, read_parquet, run_suite, write_parquet_atomic
 
 KIND = "top_contexts"
 MODEL_DIR_PATTERN = r"^models/[a-z_]+(?:_J[0-9]+)?/run=[0-9]+$"
@@ -91,10 +91,7 @@ def validate_contexts(frame: pd.DataFrame, artifact: str | Path) -> None:
 def write_contexts(frame: pd.DataFrame, path: Path) -> str:
     """Validate, then write atomically (nothing is published when the contract fails); the sha256."""
     validate_contexts(frame, path)
-    try:
-        table = pa.Table.from_pandas(frame[SCHEMA.names].reset_index(drop=True), schema=SCHEMA, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ContractViolation(path, [Failure("schema", f"columns do not convert to {SCHEMA} ({err})")]) from err
+    table = arrow_table(frame, SCHEMA, path)
     return write_parquet_atomic(table, Path(path), KIND)
 
 

@@ -67,6 +67,15 @@ class _HashingWriter(io.RawIOBase):
         return self._hash.hexdigest()
 
 
+def arrow_table(frame: pd.DataFrame, schema: pa.Schema, artifact: str | Path) -> pa.Table:
+    """``frame``'s schema columns as an Arrow table of ``schema`` (the index dropped); a
+    ContractViolation naming ``artifact`` when a column does not convert."""
+    try:
+        return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ContractViolation(artifact, [Failure("schema", f"columns do not convert to {schema} ({err})")]) from err
+
+
 def write_parquet_atomic(
     table: pa.Table,
     path: Path,

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 
 from data_contracts.contexts import MODEL_DIR_PATTERN
-from data_contracts.core import ContractViolation, Failure, read_parquet, run_suite, write_parquet_atomic
+from data_contracts.core import ContractViolation, Failure, arrow_table, read_parquet, run_suite, write_parquet_atomic
 
 LATENT = [("model", pa.string()), ("method", pa.string()), ("member", pa.int64()), ("latent", pa.int64())]
 SCORES = ("detection_accuracy", "detection_auroc", "fuzzing_accuracy", "fuzzing_auroc")
@@ -122,10 +122,7 @@ def write_interpret(frame: pd.DataFrame, kind: str, path: Path) -> str:
     """Validate, then write atomically; the sha256."""
     validate_interpret(frame, kind, path)
     schema = KINDS[kind][0]
-    try:
-        table = pa.Table.from_pandas(frame[schema.names].reset_index(drop=True), schema=schema, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ContractViolation(path, [Failure("schema", f"columns do not convert to {schema} ({err})")]) from err
+    table = arrow_table(frame, schema, path)
     return write_parquet_atomic(table, Path(path), kind)
 
 

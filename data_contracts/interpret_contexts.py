@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 
 from data_contracts.contexts import MODEL_DIR_PATTERN
-from data_contracts.core import ContractViolation, Failure, read_parquet, run_suite, write_parquet_atomic
+from data_contracts.core import ContractViolation, Failure, arrow_table, read_parquet, run_suite, write_parquet_atomic
 
 KIND = "latent_contexts"
 CONTEXT_KINDS = ("top", "random", "negative")
@@ -116,10 +116,7 @@ def validate_latent_contexts(frame: pd.DataFrame, artifact: str | Path) -> None:
 def write_latent_contexts(frame: pd.DataFrame, path: Path) -> str:
     """Validate, then write atomically (nothing is published when the contract fails); the sha256."""
     validate_latent_contexts(frame, path)
-    try:
-        table = pa.Table.from_pandas(frame[SCHEMA.names].reset_index(drop=True), schema=SCHEMA, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ContractViolation(path, [Failure("schema", f"columns do not convert to {SCHEMA} ({err})")]) from err
+    table = arrow_table(frame, SCHEMA, path)
     return write_parquet_atomic(table, Path(path), KIND)
 
 

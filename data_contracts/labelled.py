@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_contracts.core import ARTIFACT_KEY, check_schema, read_parquet, ContractViolation, Failure, run_suite, write_parquet_atomic
+from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure, arrow_table, check_schema, read_parquet, run_suite, write_parquet_atomic
 
 PROBING_SPLITS = ("train", "test")
 SCR_SPLITS = ("train_biased", "train_balanced", "test")
@@ -200,10 +200,7 @@ def validate_frame(frame: pd.DataFrame, kind: str, artifact: str | Path) -> None
 def write_table(frame: pd.DataFrame, path: Path, kind: str, metadata: dict[str, str] | None = None) -> str:
     """Validate, then write atomically (nothing is published when the contract fails)."""
     validate_frame(frame, kind, path)
-    try:
-        table = pa.Table.from_pandas(frame[SCHEMAS[kind].names], schema=SCHEMAS[kind], preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ContractViolation(path, [Failure("schema", f"columns do not convert to {SCHEMAS[kind]} ({err})")]) from err
+    table = arrow_table(frame, SCHEMAS[kind], path)
     return write_parquet_atomic(table, Path(path), kind, metadata)
 
 

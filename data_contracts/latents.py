@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure, check_schema, read_parquet, run_suite, write_parquet_atomic
+from data_contracts.core import ARTIFACT_KEY, ContractViolation, Failure, arrow_table, check_schema, read_parquet, run_suite, write_parquet_atomic
 
 MODEL_PATTERN = r"^(?:models/[a-z_]+(?:_J[0-9]+)?/run=[0-9]+|activations)$"
 CONTAINMENT_TOL = 1e-9
@@ -142,10 +142,7 @@ def validate_frame(frame: pd.DataFrame, kind: str, artifact: str | Path) -> None
 def write_latent_table(frame: pd.DataFrame, path: Path, kind: str) -> str:
     """Validate, then write atomically (nothing is published when the contract fails); the sha256."""
     validate_frame(frame, kind, path)
-    try:
-        table = pa.Table.from_pandas(frame[SCHEMAS[kind].names].reset_index(drop=True), schema=SCHEMAS[kind], preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ContractViolation(path, [Failure("schema", f"columns do not convert to {SCHEMAS[kind]} ({err})")]) from err
+    table = arrow_table(frame, SCHEMAS[kind], path)
     return write_parquet_atomic(table, Path(path), kind)
 
 
