@@ -128,9 +128,11 @@ def test_permute_latents_moves_the_adam_moments_with_their_latents():
     order = torch.tensor([[4, 2, 0, 1, 3], [1, 0, 2, 3, 4]])
     sae.permute_latents(order, optimizer)
     for name, p in sae.named_parameters():
-        for got, want in [(p.detach(), before[name][0]), *((optimizer.state[p][k], v) for k, v in before[name][1].items() if k != "step")]:
+        moments = [(optimizer.state[p][k], v) for k, v in before[name][1].items() if k != "step"]
+        for got, want in [(p.detach(), before[name][0]), *moments]:
             for j in range(2):
-                expected = want[j][:, order[j]] if name == "W_enc" else want[j][order[j]] if name in ("b_enc", "W_dec") else want[j]
+                expected = {"W_enc": lambda w: w[:, order[j]], "b_enc": lambda w: w[order[j]], "W_dec": lambda w: w[order[j]]}.get(
+                    name, lambda w: w)(want[j])  # b_dec has no latent axis: unchanged
                 assert torch.equal(got[j], expected), (name, j)
     with pytest.raises(ValueError, match=r"order must be \[2, 5\]"):
         sae.permute_latents(order[:1])

@@ -39,8 +39,9 @@ latent i by P(l > i), so putting the large contributions first is a step its obj
 favours (the hand-checked test: 5/3 → 2/3). Measured on planted Zipf-frequency features
 (README, Ordered SAEs): orderedness between seeds 0.81 instead of 0.41 at the same EV (32
 features, 7 data seeds; sorting only once, at the end: 0.59), 0.95–0.97 instead of 0.59 on the
-OSAE paper's toy; the cost is a slightly worse recovery of the planted features. Not implemented from the paper: warming k up from a larger value and the toy's
-"unit sweeping" (freezing converged low-index latents; the re-sorting plays its part here).
+OSAE paper's toy; the cost is a slightly worse recovery of the planted features. Not
+implemented from the paper: warming k up from a larger value and the toy's "unit sweeping"
+(freezing converged low-index latents; the re-sorting plays its part here).
 """
 
 from __future__ import annotations
