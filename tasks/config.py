@@ -105,7 +105,7 @@ class TrainStageConfig(Strict):
     k: int | None = Field(default=16, gt=0, description="Active latents per token (topk/batchtopk); None otherwise.")
     architecture_options: ArchitectureOptions | None = Field(
         default=None, description="Settings only some architectures take, given to every member (matryoshka: prefix_fractions, "
-        "matryoshka_code; ordered: prefix_distribution, prefix_scale, prefix_fractions); None: the architecture's defaults. "
+        "matryoshka_code; ordered: prefix_distribution, prefix_scale, prefix_fractions, latent_sorts); None: the architecture's defaults. "
         "Prefixes are fractions of d_sae, so the expanded SAE's scale with its width.",
     )
     n_members: int = Field(default=8, ge=1, description="J_max: members of the bagging and boosting ensembles.")
