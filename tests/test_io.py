@@ -112,7 +112,7 @@ def test_load_errors_name_the_problem(tmp_path):
 def test_unknown_architecture_lists_known_ones():
     from sae_core import get_architecture
 
-    with pytest.raises(KeyError, match="known architectures: batchtopk, gated, jumprelu, relu, topk"):
+    with pytest.raises(KeyError, match="known architectures: batchtopk, gated, jumprelu, matryoshka, ordered, relu, topk"):
         get_architecture("vanilla")
 
 
