@@ -9,12 +9,7 @@ from pydantic import Field, model_serializer, model_validator
 from sae_core.config import ArchitectureName, ArchitectureOptions, SAEConfig, TrainConfig
 from sae_core.methods import TRAINED_METHOD_NAMES, MethodName
 from sae_core.registry import uses_k
-from tasks.config_downstream import (  # noqa: F401  (re-exported: the stage's section lives beside)
-    SAE_PROBES_DEFAULT_TASKS,
-    SAE_PROBES_DOCUMENTS_PER_CLASS,
-    SAE_PROBES_MAX_TOKENS,
-    DownstreamConfig,
-)
+from tasks.config_downstream import DownstreamConfig  # noqa: F401  (re-exported: the stage's section lives beside)
 from tasks.config_interpret import InterpretConfig, LatentContextsConfig
 from tasks.config_sections import DeviceSetting, ImportedSAE, OrchestrationConfig, Strict, device_field as _device_field
 
