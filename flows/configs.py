@@ -44,17 +44,13 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     """Read a YAML config into a PipelineConfig; raises ConfigError naming file, section and key."""
-    import yaml
+    from tasks.config_sections import read_yaml_mapping
 
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"error: config file {file} does not exist")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"error: {file} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"error: {file} must hold a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml_mapping(file, "config file", "sections")
+    except ValueError as err:
+        raise ConfigError(f"error: {err}") from err
     for section, value in raw.items():
         if section != "name" and value is not None and not isinstance(value, dict):
             raise ConfigError(f"error: config {file} is invalid:\n  {file}: section '{section}' must be a mapping of keys, got {type(value).__name__}")

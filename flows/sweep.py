@@ -33,20 +33,16 @@ from tasks.units import executor_or_default
 def load_sweep_config(path: str | Path) -> SweepConfig:
     """Read a sweep YAML file; a relative ``base`` path is taken relative to the working directory,
     or to the sweep file's folder when it is not found there. Raises ConfigError naming the file and key."""
-    import yaml
     from pydantic import ValidationError
 
     from flows.configs import ConfigError
+    from tasks.config_sections import read_yaml_mapping
 
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"error: sweep config file {file} does not exist")
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"error: {file} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"error: {file} must hold a mapping (base, mode, grid, …), got {type(raw).__name__}")
+        raw = read_yaml_mapping(file, "sweep config file", "settings (base, mode, grid, …)")
+    except ValueError as err:
+        raise ConfigError(f"error: {err}") from err
     base = raw.get("base")
     if isinstance(base, str) and not Path(base).is_file() and (file.parent / base).is_file():
         raw["base"] = str(file.parent / base)

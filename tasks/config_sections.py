@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -17,6 +18,23 @@ DeviceSetting = Annotated[str, AfterValidator(check_device_setting)]
 def device_field(what: str):
     """The ``device`` field of a stage section."""
     return Field(default="auto", description=f"Device of {what} ({DEVICE_SETTINGS}); auto: CUDA when torch sees it, else the CPU.")
+
+
+def read_yaml_mapping(file: str | Path, what: str, holds: str) -> dict:
+    """The mapping a YAML config file holds; a ValueError naming
+    ``what`` and the file when it is missing, is not YAML or holds something else than a mapping of ``holds``."""
+    import yaml
+
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(f"{what} {file} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} {file} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {file} must hold a mapping of {holds}, got {type(raw).__name__}")
+    return raw
 
 
 class Strict(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sae_core.config import TrainConfig
 from tasks.config import PipelineConfig, TrainStageConfig
-from tasks.config_sections import Strict
+from tasks.config_sections import Strict, read_yaml_mapping
 from tasks.train_plan import member_config
 
 #: train-section keys a sweep may not set: the sweep trains one single SAE per (point, seed) itself
@@ -153,17 +153,7 @@ class SweepConfig(Strict):
         """A path: the YAML file's sections (validated as a PipelineConfig next)."""
         if not isinstance(value, (str, Path)):
             return value
-        import yaml
-
-        file = Path(value)
-        if not file.is_file():
-            raise ValueError(f"base config file {file} does not exist (paths are relative to the working directory)")
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"base config {file} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"base config {file} must hold a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml_mapping(value, "base config file (relative to the working directory)", "sections")
         return {k: v for k, v in raw.items() if v is not None}
 
     @model_validator(mode="after")

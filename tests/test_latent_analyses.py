@@ -257,6 +257,22 @@ def test_undefined_monosemanticity_is_null_and_round_trips(tmp_path):
 TOPICS = ["business", "sport", "politics", "film", "tech"]   # the five texts of tests.tiny_models.TEXTS, in order
 
 
+def _residual_tokens(loaded, texts) -> tuple[list[str], list[int], list[int], np.ndarray]:
+    """Each text's tokens through the loaded model (doc ids doc00, doc01, …; positions after the prefix) and
+    their residual-stream activations [tokens, d] at the loaded layer."""
+    from sae_core.models import residual_stream
+
+    doc_ids, positions, token_ids, acts = [], [], [], []
+    for n, text in enumerate(texts):
+        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        h = residual_stream(loaded, torch.tensor([loaded.prefix_ids + ids]), torch.ones(1, len(ids) + 1, dtype=torch.long))
+        acts.append(h[0, 1:].numpy())
+        doc_ids += [f"doc{n:02d}"] * len(ids)
+        positions += list(range(1, len(ids) + 1))
+        token_ids += ids
+    return doc_ids, positions, token_ids, np.concatenate(acts).astype(np.float32)
+
+
 def _write_tokens(directory: Path, split: str, doc_ids, positions, token_ids, acts: np.ndarray, model: str) -> None:
     from data_contracts.activations import ActivationManifest, write_manifest, write_shard
 
@@ -278,21 +294,13 @@ def tiny_run(tmp_path_factory, llama_dir) -> Path:
     labelled probing set (the texts' five topics) with its token cache, as downstream writes them."""
     from data_contracts.labelled import write_table
     from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging, train_boosting
-    from sae_core.models import load_model, residual_stream
+    from sae_core.models import load_model
     from tasks.common import ModelDir
     from tests.tiny_models import TEXTS
 
     run_dir = tmp_path_factory.mktemp("run")
     loaded = load_model(str(llama_dir), 1)
-    doc_ids, positions, token_ids, acts = [], [], [], []
-    for n, text in enumerate(TEXTS):
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        h = residual_stream(loaded, torch.tensor([loaded.prefix_ids + ids]), torch.ones(1, len(ids) + 1, dtype=torch.long))
-        acts.append(h[0, 1:].numpy())
-        doc_ids += [f"doc{n:02d}"] * len(ids)
-        positions += list(range(1, len(ids) + 1))
-        token_ids += ids
-    x = np.concatenate(acts).astype(np.float32)
+    doc_ids, positions, token_ids, x = _residual_tokens(loaded, TEXTS)
     _write_tokens(run_dir / "activations", "test", doc_ids, positions, token_ids, x, str(llama_dir))
     data = torch.from_numpy(x)
     cfg = SAEConfig(architecture="topk", d_in=x.shape[1], d_sae=16, k=3)
@@ -425,22 +433,14 @@ def test_steering_the_real_smollm2_changes_its_generation(tmp_path):
     few hundred tokens, the most frequent latent steered at strengths 0 and 8."""
     from data_contracts.latents import read_latent_table
     from sae_core import SAEConfig, TrainConfig, save_ensemble, train_bagging
-    from sae_core.models import load_model, residual_stream
+    from sae_core.models import load_model
     from tasks.common import ModelDir
     from tasks.config_latent import SteeringConfig
     from tasks.latent_steering import run_steering
     from tests.tiny_models import TEXTS
 
     loaded = load_model("smollm2-135m", 6)
-    doc_ids, positions, token_ids, acts = [], [], [], []
-    for n, text in enumerate(TEXTS * 2):
-        ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        h = residual_stream(loaded, torch.tensor([loaded.prefix_ids + ids]), torch.ones(1, len(ids) + 1, dtype=torch.long))
-        acts.append(h[0, 1:].numpy())
-        doc_ids += [f"doc{n:02d}"] * len(ids)
-        positions += list(range(1, len(ids) + 1))
-        token_ids += ids
-    x = np.concatenate(acts).astype(np.float32)
+    doc_ids, positions, token_ids, x = _residual_tokens(loaded, TEXTS * 2)
     _write_tokens(tmp_path / "activations", "test", doc_ids, positions, token_ids, x, "smollm2-135m")
     manifest_path = tmp_path / "activations" / "manifest.json"
     manifest_path.write_text(manifest_path.read_text().replace('"layer": 1', '"layer": 6'))

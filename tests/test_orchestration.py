@@ -51,15 +51,11 @@ def _with_runner(cfg, **orchestration):
 @pytest.fixture(scope="module")
 def tiny_pipeline_config(tmp_path_factory):
     from tasks.config import PipelineConfig
-    from tests.tiny_models import TEXTS, build_tiny_model
+    from tests.tiny_models import tiny_extract_section
 
-    base = tmp_path_factory.mktemp("tiny-orch")
-    model = build_tiny_model(base / "model", "bert")
-    (base / "docs.txt").write_text("\n".join(f"{text} (copy {i})" for i in range(6) for text in TEXTS) + "\n")
     return PipelineConfig(
         name="tiny",
-        extract={"model": str(model), "layer": 1, "context_length": 8, "corpus": [{"name": str(base / "docs.txt")}],
-                 "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2}},
+        extract=tiny_extract_section(tmp_path_factory.mktemp("tiny-orch")),
         train={"d_sae": 32, "k": 4, "n_members": 2, "n_runs": 2, "expanded_sizes": [2], "recipe": {"n_steps": 30, "batch_size": 32}},
         evaluate={"ce_loss": False},
         downstream={"probing_datasets": ["bbc"], "sae_probes_tasks": ["glue_sst2", "agnews_0"]},

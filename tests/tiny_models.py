@@ -92,3 +92,12 @@ def build_tiny_model(directory: Path, kind: str = "bert", n_layers: int | None =
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def tiny_extract_section(base: Path, copies: int = 6) -> dict:
+    """An extract section over a tiny random BERT (built in base/model) and TEXTS written ``copies`` times
+    (base/docs.txt, each copy tagged so no two documents are the same): layer 1, 8-token windows, 60/20/20 split."""
+    model = build_tiny_model(base / "model", "bert")
+    (base / "docs.txt").write_text("\n".join(f"{text} (copy {i})" for i in range(copies) for text in TEXTS) + "\n")
+    return {"model": str(model), "layer": 1, "context_length": 8, "corpus": [{"name": str(base / "docs.txt")}],
+            "split_fractions": {"train": 0.6, "val": 0.2, "test": 0.2}}
